@@ -1,0 +1,379 @@
+"""
+The ckv wire format: every frame, declared once with construct.
+
+A frame on any ckv TCP port (node, master, dispatcher) is a 32-bit big-endian
+length followed by that many bytes of body.  The length prefix is handled by
+L{twisted.protocols.basic.Int32StringReceiver}; this module describes the
+body::
+
+    version  u8     PROTOCOL_VERSION (1)
+    type     u8     a MessageType value
+    payload  ...    laid out by type, see MESSAGES below
+
+The message type is a plain integer: construct 2.10 miscompiles a C{Switch}
+keyed by an C{Enum} (see the test suite, which round-trips every message
+through both the compiled and the interpreted parser).
+
+C{doc/protocol.md} describes every frame byte by byte.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import struct
+from typing import Any
+
+from construct import (
+    Array,
+    Bytes,
+    Construct,
+    Container,
+    ConstructError,
+    Error,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    GreedyBytes,
+    Prefixed,
+    PrefixedArray,
+    StreamError,
+    Struct,
+    Switch,
+    this,
+)
+
+PROTOCOL_VERSION = 1
+
+#: Largest frame body accepted on any port, in bytes.
+MAX_FRAME = 4 * 1024 * 1024
+#: Largest key, in bytes.
+MAX_KEY = 4096
+#: Largest value, in bytes.
+MAX_VALUE = 1024 * 1024
+#: A batch of chain updates is closed once its keys and values pass this size.
+MAX_BATCH_BYTES = 512 * 1024
+#: Length of a client id.
+CLIENT_ID_LEN = 16
+#: The client id of entries that belong to no client session.
+NO_CLIENT = b"\x00" * CLIENT_ID_LEN
+#: A chain id meaning "no chain".
+NO_CHAIN = 0xFFFF
+
+
+class MessageType(enum.IntEnum):
+    """Every frame type.  The numbers are the protocol; never reuse one."""
+
+    REQUEST = 1
+    REPLY = 2
+    CLIENT_HELLO = 3
+    WELCOME = 4
+    ERROR = 5
+    WATCH = 6
+    CONFIG = 7
+    REGISTER = 10
+    HEARTBEAT = 11
+    HEARTBEAT_REPLY = 12
+    CHAIN_HELLO = 20
+    CHAIN_HELLO_REPLY = 21
+    UPDATES = 22
+    ACK = 23
+
+
+class Op(enum.IntEnum):
+    """Operations in a REQUEST, and effects in an update entry."""
+
+    GET = 1
+    PUT = 2
+    DELETE = 3
+    CAS = 4
+    #: An entry that changes no data: a failed cas, a delete of an absent
+    #: key, or the re-reply of a retried request.
+    NOOP = 5
+
+
+class Status(enum.IntEnum):
+    """Outcome of a request, in a REPLY and in an update entry."""
+
+    OK = 0
+    NOT_FOUND = 1
+    CAS_FAILED = 2
+    # Errors: the value of the REPLY holds a UTF-8 message.
+    BAD_REQUEST = 16
+    NOT_HEAD = 17
+    NOT_TAIL = 18
+    UNAVAILABLE = 19
+    STALE_REQUEST = 20
+    TOO_LARGE = 21
+    INTERNAL = 22
+    STALE_EPOCH = 23
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes of the connection-level ERROR frame."""
+
+    MALFORMED = 1
+    UNKNOWN_TYPE = 2
+    BAD_VERSION = 3
+    TOO_LARGE = 4
+    STALE_EPOCH = 5
+    NOT_MEMBER = 6
+    UNEXPECTED = 7
+    REJECTED = 8
+
+
+# Flags of a REQUEST.
+FLAG_HAS_EXPECTED = 0x01
+FLAG_HAS_VALUE = 0x02
+
+Key = Prefixed(Int16ub, GreedyBytes)
+Blob = Prefixed(Int32ub, GreedyBytes)
+ShortText = Prefixed(Int8ub, GreedyBytes)
+Text = Prefixed(Int16ub, GreedyBytes)
+ClientId = Bytes(CLIENT_ID_LEN)
+
+Request = Struct(
+    "client_id" / ClientId,
+    "lane" / Int32ub,
+    "request_id" / Int64ub,
+    "epoch" / Int64ub,
+    "op" / Int8ub,
+    "flags" / Int8ub,
+    "key" / Key,
+    "expected" / Blob,
+    "value" / Blob,
+)
+
+Reply = Struct(
+    "client_id" / ClientId,
+    "request_id" / Int64ub,
+    "status" / Int8ub,
+    "value" / Blob,
+)
+
+ClientHello = Struct("client_id" / ClientId)
+
+Welcome = Struct("name" / ShortText, "epoch" / Int64ub)
+
+ErrorFrame = Struct("code" / Int16ub, "message" / Text)
+
+Watch = Struct("name" / ShortText)
+
+Member = Struct("name" / ShortText, "host" / ShortText, "port" / Int16ub)
+
+ChainConfig = Struct(
+    "chain_id" / Int16ub,
+    "epoch" / Int64ub,
+    "members" / PrefixedArray(Int8ub, Member),
+)
+
+Config = Struct(
+    "version" / Int64ub,
+    "slot_count" / Int16ub,
+    "slots" / Array(this.slot_count, Int16ub),
+    "chains" / PrefixedArray(Int16ub, ChainConfig),
+    "spares" / PrefixedArray(Int16ub, Member),
+)
+
+Register = Struct(
+    "name" / ShortText,
+    "host" / ShortText,
+    "port" / Int16ub,
+    "chain_id" / Int16ub,
+    "epoch" / Int64ub,
+    "applied_seq" / Int64ub,
+)
+
+Heartbeat = Struct("name" / ShortText, "epoch" / Int64ub, "applied_seq" / Int64ub)
+
+HeartbeatReply = Struct("lease_ms" / Int32ub)
+
+ChainHello = Struct("chain_id" / Int16ub, "epoch" / Int64ub, "name" / ShortText)
+
+ChainHelloReply = Struct("epoch" / Int64ub, "applied_seq" / Int64ub)
+
+Entry = Struct(
+    "seq" / Int64ub,
+    "client_id" / ClientId,
+    "lane" / Int32ub,
+    "request_id" / Int64ub,
+    "op" / Int8ub,
+    "status" / Int8ub,
+    "key" / Key,
+    "value" / Blob,
+)
+
+Updates = Struct("epoch" / Int64ub, "entries" / PrefixedArray(Int32ub, Entry))
+
+Ack = Struct("epoch" / Int64ub, "seq" / Int64ub)
+
+#: Payload layout of every message type.
+MESSAGES: dict[int, Construct] = {
+    MessageType.REQUEST.value: Request,
+    MessageType.REPLY.value: Reply,
+    MessageType.CLIENT_HELLO.value: ClientHello,
+    MessageType.WELCOME.value: Welcome,
+    MessageType.ERROR.value: ErrorFrame,
+    MessageType.WATCH.value: Watch,
+    MessageType.CONFIG.value: Config,
+    MessageType.REGISTER.value: Register,
+    MessageType.HEARTBEAT.value: Heartbeat,
+    MessageType.HEARTBEAT_REPLY.value: HeartbeatReply,
+    MessageType.CHAIN_HELLO.value: ChainHello,
+    MessageType.CHAIN_HELLO_REPLY.value: ChainHelloReply,
+    MessageType.UPDATES.value: Updates,
+    MessageType.ACK.value: Ack,
+}
+
+#: The whole frame body, interpreted (slow, used as the reference in tests).
+Frame = Struct(
+    "version" / Int8ub,
+    "type" / Int8ub,
+    "body" / Switch(this.type, MESSAGES, default=Error),
+)
+
+#: The same, compiled: what the processes use.
+CompiledFrame = Frame.compile()
+
+
+class WireError(Exception):
+    """A frame could not be decoded.  C{code} is an L{ErrorCode}."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def encode(mtype: MessageType, **fields: Any) -> bytes:
+    """Build the body of one frame (without its length prefix)."""
+    return CompiledFrame.build(
+        {"version": PROTOCOL_VERSION, "type": int(mtype), "body": fields}
+    )
+
+
+def decode(data: bytes) -> tuple[int, Container]:
+    """
+    Parse the body of one frame.
+
+    @return: the message type (an int, compare with L{MessageType}) and the
+        payload as a construct Container.
+    @raise WireError: the frame is truncated, malformed, of an unknown type
+        or of another protocol version.
+    """
+    if len(data) > MAX_FRAME:
+        raise WireError(ErrorCode.TOO_LARGE, f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
+    if len(data) < 2:
+        raise WireError(ErrorCode.MALFORMED, f"truncated frame: {len(data)} bytes, need at least 2")
+    if data[0] != PROTOCOL_VERSION:
+        raise WireError(
+            ErrorCode.BAD_VERSION,
+            f"unsupported protocol version {data[0]}, this server speaks {PROTOCOL_VERSION}",
+        )
+    mtype = data[1]
+    if mtype not in MESSAGES:
+        raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype}")
+    try:
+        # Compiled construct reads length-prefixed fields with a bare
+        # io.read(n), which silently returns less at the end of the stream.
+        # Parsing over a padded copy turns any short read into "consumed
+        # more than the frame", which the position check below catches.
+        reader = io.BytesIO(data + _PAD)
+        frame = CompiledFrame.parse_stream(reader)
+        end = reader.tell()
+        if end > len(data):
+            raise StreamError("truncated frame: a field runs past the end of the frame")
+        if end < len(data):
+            raise StreamError(f"{len(data) - end} unexpected bytes after the payload")
+    except (ConstructError, struct.error, ValueError) as e:
+        name = MessageType(mtype).name
+        raise WireError(ErrorCode.MALFORMED, f"malformed {name} frame: {_short(e)}") from None
+    return mtype, frame.body
+
+
+_PAD = b"\x00" * 8
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1][:200] if text else e.__class__.__name__
+
+
+def error_frame(code: ErrorCode, message: str) -> bytes:
+    """An ERROR frame carrying C{message} (truncated to fit)."""
+    raw = message.encode("utf-8", "replace")[:1000]
+    return encode(MessageType.ERROR, code=int(code), message=raw)
+
+
+def request(
+    client_id: bytes,
+    lane: int,
+    request_id: int,
+    op: Op,
+    key: bytes,
+    value: bytes | None = None,
+    expected: bytes | None = None,
+    has_expected: bool = False,
+    epoch: int = 0,
+) -> bytes:
+    """Build a REQUEST frame."""
+    flags = 0
+    if has_expected and expected is not None:
+        flags |= FLAG_HAS_EXPECTED
+    if value is not None:
+        flags |= FLAG_HAS_VALUE
+    return encode(
+        MessageType.REQUEST,
+        client_id=client_id,
+        lane=lane,
+        request_id=request_id,
+        epoch=epoch,
+        op=int(op),
+        flags=flags,
+        key=key,
+        expected=expected or b"",
+        value=value or b"",
+    )
+
+
+def reply(client_id: bytes, request_id: int, status: Status, value: bytes = b"") -> bytes:
+    """Build a REPLY frame."""
+    return encode(
+        MessageType.REPLY,
+        client_id=client_id,
+        request_id=request_id,
+        status=int(status),
+        value=value,
+    )
+
+
+def error_reply(client_id: bytes, request_id: int, status: Status, message: str) -> bytes:
+    """A REPLY whose status is an error, with a human-readable message."""
+    return reply(client_id, request_id, status, message.encode("utf-8", "replace")[:4096])
+
+
+def check_request(req: Container) -> tuple[Status, str] | None:
+    """
+    Validate a decoded REQUEST against the limits.
+
+    @return: None if it is acceptable, else the error status and a message.
+    """
+    if len(req.key) > MAX_KEY:
+        return Status.TOO_LARGE, f"key of {len(req.key)} bytes exceeds the limit of {MAX_KEY}"
+    if len(req.value) > MAX_VALUE:
+        return Status.TOO_LARGE, f"value of {len(req.value)} bytes exceeds the limit of {MAX_VALUE}"
+    if len(req.expected) > MAX_VALUE:
+        return (
+            Status.TOO_LARGE,
+            f"expected value of {len(req.expected)} bytes exceeds the limit of {MAX_VALUE}",
+        )
+    try:
+        op = Op(req.op)
+    except ValueError:
+        return Status.BAD_REQUEST, f"unknown operation {req.op}"
+    if op is Op.NOOP:
+        return Status.BAD_REQUEST, "NOOP is not a client operation"
+    if op is Op.PUT and not req.flags & FLAG_HAS_VALUE:
+        return Status.BAD_REQUEST, "put without a value"
+    return None
