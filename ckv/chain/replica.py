@@ -1,0 +1,510 @@
+"""
+The replica: chain replication's state machine for one node, without I/O.
+
+It is fed events (a client update arrived, updates arrived from the
+predecessor, an ack arrived from the successor, a batch was committed, the
+configuration changed, a link came up or went down) and returns
+L{Action}s: frames to send and to whom.  Committing to the store is a
+separate step (L{Replica.take_batch} / L{Replica.batch_committed}) so the
+adapter can run it on a thread and group many updates in one transaction.
+
+Histories and invariants (DESIGN.md section 1):
+
+  - C{applied_seq}: the highest seq accepted into this node's history (in
+    seq order, no gaps).  Updates are accepted in memory first, then
+    committed in batches; nothing leaves the node before it is committed.
+  - C{sent}: entries committed here and meant for the successor, not yet
+    acknowledged by the tail.  C{history(pred) = history(succ) + sent(pred)}.
+  - The tail replies to clients after it has committed, and acknowledges
+    upstream cumulatively.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from ckv import wire
+from ckv.config import Chain
+from ckv.entry import Entry
+from ckv.storage import Batch, Recovered, session_key
+from ckv.wire import Op, Status
+
+# Action kinds.
+TO_SUCCESSOR = "successor"
+TO_PREDECESSOR = "predecessor"
+TO_CLIENT = "client"  # target: client id; the tail's direct reply channel
+TO_ORIGIN = "origin"  # target: the connection the request came from
+
+
+@dataclass(frozen=True)
+class Action:
+    """Send C{frame} to C{kind} (and C{target}, for clients and origins)."""
+
+    kind: str
+    frame: bytes
+    target: Any = None
+    #: For client replies: the connection the request came from, used when
+    #: the client has no reply channel to this node.
+    origin: Any = None
+
+
+class StoreReader(Protocol):
+    """The reads the replica needs from its committed store."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def session(self, skey: bytes) -> tuple[int, int] | None: ...
+
+
+class HelloRefused(Exception):
+    """A CHAIN_HELLO was refused; C{code} and C{message} go in the ERROR frame."""
+
+    def __init__(self, code: wire.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Replica:
+    """
+    The state of one chain member.
+
+    @param name: this node's name.
+    @param store: committed reads (data and sessions).
+    @param recovered: durable state read back at start.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        store: StoreReader,
+        recovered: Recovered | None = None,
+        lease_ok: Callable[[], bool] | None = None,
+    ) -> None:
+        rec = recovered or Recovered()
+        self.name = name
+        self.store = store
+        self.epoch = rec.epoch
+        self.chain_id = rec.chain_id
+        self.chain: Chain | None = None
+        self.applied_seq = rec.applied_seq
+        self.committed_seq = rec.applied_seq
+        self.acked_seq = rec.sent[0].seq - 1 if rec.sent else rec.applied_seq
+        self.sent: deque[Entry] = deque(rec.sent)
+        self.pending: list[Entry] = []
+        self.committing: list[Entry] | None = None
+        self._overlay: dict[bytes, tuple[int, bytes | None]] = {}
+        self._session_overlay: dict[bytes, tuple[int, int, int]] = {}
+        self._held: dict[int, Entry] = {}
+        #: Highest seq sent on the current successor link; None: no link.
+        self.forward_cursor: int | None = None
+        self._prune_persisted = self.acked_seq
+        self._meta_dirty = False
+        self._lease_ok = lease_ok or (lambda: True)
+        # Counters for stats.
+        self.updates_decided = 0
+        self.queries_answered = 0
+        self.duplicates = 0
+
+    # -- role --------------------------------------------------------------
+
+    @property
+    def is_member(self) -> bool:
+        return self.chain is not None and self.chain.index_of(self.name) is not None
+
+    @property
+    def is_head(self) -> bool:
+        return self.is_member and self.chain.members[0].name == self.name  # type: ignore[union-attr]
+
+    @property
+    def is_tail(self) -> bool:
+        return self.is_member and self.chain.members[-1].name == self.name  # type: ignore[union-attr]
+
+    @property
+    def role(self) -> str:
+        if not self.is_member:
+            return "none"
+        if self.is_head and self.is_tail:
+            return "head+tail"
+        if self.is_head:
+            return "head"
+        if self.is_tail:
+            return "tail"
+        return "middle"
+
+    @property
+    def predecessor(self) -> str | None:
+        if self.chain is None:
+            return None
+        m = self.chain.predecessor_of(self.name)
+        return m.name if m else None
+
+    @property
+    def successor(self) -> str | None:
+        if self.chain is None:
+            return None
+        m = self.chain.successor_of(self.name)
+        return m.name if m else None
+
+    # -- configuration -----------------------------------------------------
+
+    def on_config(self, chain: Chain | None) -> list[Action]:
+        """
+        A new configuration of this node's chain arrived (None: the node is
+        in no chain).  Older epochs are ignored.
+        """
+        if chain is not None and self.chain is not None and chain.epoch < self.chain.epoch:
+            return []
+        was_tail = self.is_tail
+        self.chain = chain
+        if chain is not None and (chain.epoch != self.epoch or chain.chain_id != self.chain_id):
+            self.epoch = chain.epoch
+            self.chain_id = chain.chain_id
+            self._meta_dirty = True
+        actions: list[Action] = []
+        if self.is_tail and not was_tail and self.sent:
+            # Our successor is gone: every entry in sent is now at the tail.
+            actions += self._replies_for(self.sent)
+            actions += self._ack_upstream(self.sent[-1].seq)
+            self.acked_seq = self.sent[-1].seq
+            self.sent.clear()
+            self.forward_cursor = None
+        return actions
+
+    # -- client requests ---------------------------------------------------
+
+    def on_client_update(self, req: Any, origin: Any = None) -> list[Action]:
+        """A put, delete or cas from a client (through the dispatcher or direct)."""
+        if not self.is_head:
+            return [self._error(req, origin, Status.NOT_HEAD, f"{self.name} is not the head")]
+        bad = wire.check_request(req)
+        if bad is not None:
+            return [self._error(req, origin, bad[0], bad[1])]
+        if req.epoch and req.epoch != self.epoch:
+            return [
+                self._error(
+                    req, origin, Status.STALE_EPOCH,
+                    f"request for epoch {req.epoch}, chain is at epoch {self.epoch}",
+                )
+            ]
+        skey = b""
+        if req.client_id != wire.NO_CLIENT:
+            skey = session_key(req.client_id, req.lane)
+            last = self._session(skey)
+            if last is not None:
+                last_rid, last_status = last
+                if req.request_id < last_rid:
+                    return [
+                        self._error(
+                            req, origin, Status.STALE_REQUEST,
+                            f"request {req.request_id} on lane {req.lane} is older than "
+                            f"request {last_rid}, already applied",
+                        )
+                    ]
+                if req.request_id == last_rid:
+                    # A retry: re-reply the recorded result, after the original.
+                    self.duplicates += 1
+                    self._accept_new(req, Op.NOOP, Status(last_status), b"", skey)
+                    return []
+        op, status, value = self._decide(req)
+        self._accept_new(req, op, status, value, skey)
+        self.updates_decided += 1
+        return []
+
+    def _decide(self, req: Any) -> tuple[Op, Status, bytes]:
+        op = req.op
+        if op == Op.PUT:
+            return Op.PUT, Status.OK, req.value
+        current = self._get(req.key)
+        if op == Op.DELETE:
+            if current is None:
+                return Op.NOOP, Status.NOT_FOUND, b""
+            return Op.DELETE, Status.OK, b""
+        # CAS
+        expected = req.expected if req.flags & wire.FLAG_HAS_EXPECTED else None
+        if current != expected:
+            return Op.NOOP, Status.CAS_FAILED, b""
+        if req.flags & wire.FLAG_HAS_VALUE:
+            return Op.PUT, Status.OK, req.value
+        return Op.DELETE, Status.OK, b""
+
+    def _accept_new(self, req: Any, op: Op, status: Status, value: bytes, skey: bytes) -> None:
+        entry = Entry(
+            self.applied_seq + 1,
+            req.client_id,
+            req.lane,
+            req.request_id,
+            int(op),
+            int(status),
+            req.key,
+            value,
+        )
+        self._accept(entry, skey)
+
+    def on_query(self, req: Any, origin: Any = None) -> list[Action]:
+        """A get: answered by the tail alone, from its committed store."""
+        if not self.is_tail:
+            return [self._error(req, origin, Status.NOT_TAIL, f"{self.name} is not the tail")]
+        if not self._lease_ok():
+            return [
+                self._error(req, origin, Status.UNAVAILABLE, f"{self.name} holds no read lease")
+            ]
+        bad = wire.check_request(req)
+        if bad is not None:
+            return [self._error(req, origin, bad[0], bad[1])]
+        value = self.store.get(req.key)
+        self.queries_answered += 1
+        if value is None:
+            frame = wire.reply(req.client_id, req.request_id, Status.NOT_FOUND)
+        else:
+            frame = wire.reply(req.client_id, req.request_id, Status.OK, value)
+        return [Action(TO_CLIENT, frame, req.client_id, origin)]
+
+    def _error(self, req: Any, origin: Any, status: Status, message: str) -> Action:
+        return Action(TO_ORIGIN, wire.error_reply(req.client_id, req.request_id, status, message), origin)
+
+    # -- the chain ---------------------------------------------------------
+
+    def on_chain_hello(self, chain_id: int, epoch: int, name: str) -> bytes:
+        """
+        A predecessor introduces itself.  Returns the CHAIN_HELLO_REPLY frame.
+
+        @raise HelloRefused: the sender is not our predecessor in our epoch.
+        """
+        if self.chain is None:
+            raise HelloRefused(wire.ErrorCode.NOT_MEMBER, f"{self.name} has no configuration yet")
+        if epoch < self.epoch:
+            raise HelloRefused(
+                wire.ErrorCode.STALE_EPOCH,
+                f"stale epoch {epoch}: chain {self.chain_id} is at epoch {self.epoch}",
+            )
+        if epoch > self.epoch:
+            raise HelloRefused(
+                wire.ErrorCode.STALE_EPOCH,
+                f"{self.name} is at epoch {self.epoch}, behind {epoch}; retry shortly",
+            )
+        if chain_id != self.chain_id or self.predecessor != name:
+            raise HelloRefused(
+                wire.ErrorCode.NOT_MEMBER,
+                f"{name} is not the predecessor of {self.name} in chain {self.chain_id} "
+                f"epoch {self.epoch}",
+            )
+        self._held.clear()
+        return wire.encode(
+            wire.MessageType.CHAIN_HELLO_REPLY, epoch=self.epoch, applied_seq=self.applied_seq
+        )
+
+    def hello_frame(self) -> bytes:
+        """The CHAIN_HELLO this node sends on a new link to its successor."""
+        return wire.encode(
+            wire.MessageType.CHAIN_HELLO,
+            chain_id=self.chain_id,
+            epoch=self.epoch,
+            name=self.name.encode(),
+        )
+
+    def on_successor_ready(self, epoch: int, successor_applied: int) -> list[Action]:
+        """The successor answered our hello: resend what it lacks, then stream."""
+        if epoch != self.epoch:
+            return []
+        if successor_applied > self.committed_seq:
+            self.log.critical(
+                "successor {succ} is ahead of {name}: it has seq {theirs}, we committed {ours}; "
+                "not forwarding",
+                succ=self.successor, name=self.name, theirs=successor_applied,
+                ours=self.committed_seq,
+            )
+            return []
+        if self.sent and successor_applied < self.sent[0].seq - 1:
+            self.log.critical(
+                "successor {succ} lacks seq {first}..: it has {theirs}, already acknowledged; "
+                "it needs a state transfer",
+                succ=self.successor, first=self.acked_seq + 1, theirs=successor_applied,
+            )
+            return []
+        self.forward_cursor = successor_applied
+        return self._forward()
+
+    def on_successor_lost(self) -> None:
+        self.forward_cursor = None
+
+    def on_updates(self, epoch: int, entries: list[Any]) -> list[Action]:
+        """Updates from the predecessor, in seq order (duplicates ignored, gaps held)."""
+        for c in entries:
+            seq = c.seq
+            if seq <= self.applied_seq:
+                continue
+            entry = Entry.from_wire(c)
+            if seq == self.applied_seq + 1:
+                self._accept(entry)
+                while self.applied_seq + 1 in self._held:
+                    self._accept(self._held.pop(self.applied_seq + 1))
+            else:
+                self._held[seq] = entry
+        return []
+
+    def on_ack(self, epoch: int, seq: int) -> list[Action]:
+        """A cumulative ack from the successor: drop acked entries, pass it on."""
+        if seq <= self.acked_seq:
+            return []
+        sent = self.sent
+        while sent and sent[0].seq <= seq:
+            sent.popleft()
+        self.acked_seq = seq
+        return self._ack_upstream(seq)
+
+    def _ack_upstream(self, seq: int) -> list[Action]:
+        if self.predecessor is None:
+            return []
+        return [Action(TO_PREDECESSOR, wire.encode(wire.MessageType.ACK, epoch=self.epoch, seq=seq))]
+
+    # -- accepting and committing ------------------------------------------
+
+    def _accept(self, entry: Entry, skey: bytes | None = None) -> None:
+        self.applied_seq = entry.seq
+        self.pending.append(entry)
+        if entry.op == Op.PUT:
+            self._overlay[entry.key] = (entry.seq, entry.value)
+        elif entry.op == Op.DELETE:
+            self._overlay[entry.key] = (entry.seq, None)
+        if entry.client_id != wire.NO_CLIENT:
+            if skey is None:
+                skey = session_key(entry.client_id, entry.lane)
+            self._session_overlay[skey] = (entry.request_id, entry.status, entry.seq)
+
+    def _get(self, key: bytes) -> bytes | None:
+        hit = self._overlay.get(key)
+        if hit is not None:
+            return hit[1]
+        return self.store.get(key)
+
+    def _session(self, skey: bytes) -> tuple[int, int] | None:
+        hit = self._session_overlay.get(skey)
+        if hit is not None:
+            return hit[0], hit[1]
+        return self.store.session(skey)
+
+    @property
+    def busy(self) -> bool:
+        """A batch is being committed."""
+        return self.committing is not None
+
+    def take_batch(self) -> Batch | None:
+        """
+        The next batch to commit, or None (nothing to do, or a batch is
+        already in flight: batches commit one at a time, in order).
+        """
+        if self.committing is not None:
+            return None
+        prune = self.acked_seq if self.acked_seq > self._prune_persisted else 0
+        if not self.pending and not prune and not self._meta_dirty:
+            return None
+        self.committing, self.pending = self.pending, []
+        batch = Batch(
+            entries=self.committing,
+            keep_sent=not self.is_tail,
+            prune_sent_upto=prune,
+        )
+        if self._meta_dirty:
+            batch.epoch = self.epoch
+            batch.chain_id = self.chain_id
+            self._meta_dirty = False
+        return batch
+
+    def batch_committed(self, batch: Batch) -> list[Action]:
+        """The batch is durable: forward it, or (tail) reply and ack."""
+        entries = self.committing or []
+        self.committing = None
+        if batch.prune_sent_upto:
+            self._prune_persisted = max(self._prune_persisted, batch.prune_sent_upto)
+        if not entries:
+            return []
+        self.committed_seq = entries[-1].seq
+        overlay, soverlay = self._overlay, self._session_overlay
+        for e in entries:
+            hit = overlay.get(e.key)
+            if hit is not None and hit[0] == e.seq:
+                del overlay[e.key]
+            if e.client_id != wire.NO_CLIENT:
+                skey = session_key(e.client_id, e.lane)
+                shit = soverlay.get(skey)
+                if shit is not None and shit[2] == e.seq:
+                    del soverlay[skey]
+        if self.is_tail:
+            actions = self._replies_for(entries)
+            self.acked_seq = self.committed_seq
+            if not batch.keep_sent:
+                self._prune_persisted = self.committed_seq
+            return actions + self._ack_upstream(self.committed_seq)
+        self.sent.extend(entries)
+        return self._forward()
+
+    def batch_failed(self, batch: Batch) -> None:
+        """The commit failed (for example the map was full): retry it next."""
+        if self.committing is not None:
+            self.pending = self.committing + self.pending
+            self.committing = None
+        if batch.epoch is not None:
+            self._meta_dirty = True
+
+    def _replies_for(self, entries: Any) -> list[Action]:
+        out = []
+        for e in entries:
+            if e.client_id != wire.NO_CLIENT:
+                out.append(
+                    Action(TO_CLIENT, wire.reply(e.client_id, e.request_id, Status(e.status)), e.client_id)
+                )
+        return out
+
+    def _forward(self) -> list[Action]:
+        """UPDATES frames for every committed entry the successor has not been sent."""
+        cursor = self.forward_cursor
+        if cursor is None or not self.sent or self.sent[-1].seq <= cursor:
+            return []
+        first = self.sent[0].seq
+        start = max(0, cursor - first + 1)
+        actions = []
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for i in range(start, len(self.sent)):
+            e = self.sent[i]
+            batch.append(e.to_wire())
+            size += e.size
+            if size >= wire.MAX_BATCH_BYTES:
+                actions.append(self._updates_frame(batch))
+                batch, size = [], 0
+        if batch:
+            actions.append(self._updates_frame(batch))
+        self.forward_cursor = self.sent[-1].seq
+        return actions
+
+    def _updates_frame(self, batch: list[dict[str, Any]]) -> Action:
+        return Action(
+            TO_SUCCESSOR, wire.encode(wire.MessageType.UPDATES, epoch=self.epoch, entries=batch)
+        )
+
+    # -- introspection -----------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "chain": self.chain_id if self.chain_id != wire.NO_CHAIN else None,
+            "epoch": self.epoch,
+            "predecessor": self.predecessor,
+            "successor": self.successor,
+            "applied_seq": self.applied_seq,
+            "committed_seq": self.committed_seq,
+            "acked_seq": self.acked_seq,
+            "sent": len(self.sent),
+            "pending": len(self.pending) + len(self.committing or ()),
+            "held": len(self._held),
+            "successor_link": "up" if self.forward_cursor is not None else "down",
+        }

@@ -1,0 +1,469 @@
+"""
+The node: a L{Replica} wired to LMDB, to its neighbours, to the master and
+to clients.  Everything here is plumbing; decisions live in the replica.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lmdb
+from construct import Container
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from ckv import wire
+from ckv.chain.replica import (
+    TO_CLIENT,
+    TO_ORIGIN,
+    TO_PREDECESSOR,
+    TO_SUCCESSOR,
+    Action,
+    HelloRefused,
+    Replica,
+)
+from ckv.config import EMPTY, ClusterConfig, Member
+from ckv.framing import FrameProtocol, error_text
+from ckv.storage import Batch, Store
+from ckv.wire import MessageType as T
+
+#: Reconnection to the successor and the master: fast first, then backing off.
+LINK_RETRY = backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0)
+
+
+class NodeProtocol(FrameProtocol):
+    """
+    A connection accepted by a node: from a client (reply channel, direct
+    requests), a dispatcher (forwarded requests) or the predecessor (the
+    chain link, after CHAIN_HELLO).
+    """
+
+    peer_kind = "connection"
+
+    def __init__(self, node: NodeService) -> None:
+        self.node = node
+        self.client_id: bytes | None = None
+        self.is_predecessor = False
+
+    def frameReceived(self, mtype: int, body: Container) -> None:
+        node = self.node
+        if mtype == T.REQUEST:
+            if body.op == wire.Op.GET:
+                node.execute(node.replica.on_query(body, self))
+            else:
+                node.execute(node.replica.on_client_update(body, self))
+                node.kick()
+        elif mtype == T.UPDATES:
+            if not self.is_predecessor:
+                self.unexpected(mtype)
+                return
+            node.replica.on_updates(body.epoch, body.entries)
+            node.kick()
+        elif mtype == T.CLIENT_HELLO:
+            self.client_id = bytes(body.client_id)
+            node.client_channels[self.client_id] = self
+            self.send(
+                wire.encode(T.WELCOME, name=node.name.encode(), epoch=node.replica.epoch)
+            )
+        elif mtype == T.CHAIN_HELLO:
+            node.predecessor_hello(self, body)
+        else:
+            self.unexpected(mtype)
+
+    def connection_lost(self, reason: Failure) -> None:
+        node = self.node
+        if self.client_id is not None and node.client_channels.get(self.client_id) is self:
+            del node.client_channels[self.client_id]
+        if node.pred_proto is self:
+            node.pred_proto = None
+
+
+class SuccessorProtocol(FrameProtocol):
+    """Our end of the link to the successor: hello, then updates out and acks in."""
+
+    peer_kind = "successor"
+
+    def __init__(self, node: NodeService) -> None:
+        self.node = node
+        self.ready = False
+
+    def connectionMade(self) -> None:
+        self.send(self.node.replica.hello_frame())
+
+    def frameReceived(self, mtype: int, body: Container) -> None:
+        node = self.node
+        if mtype == T.CHAIN_HELLO_REPLY:
+            self.ready = True
+            node.succ_proto = self
+            node.execute(node.replica.on_successor_ready(body.epoch, body.applied_seq))
+        elif mtype == T.ACK and self.ready:
+            node.execute(node.replica.on_ack(body.epoch, body.seq))
+            node.kick()
+        elif mtype == T.ERROR:
+            self.log.warn(
+                "successor refused the link: {message}", message=error_text(body)
+            )
+            node.master_link_refresh()
+            self.transport.loseConnection()
+        else:
+            self.unexpected(mtype)
+
+    def connection_lost(self, reason: Failure) -> None:
+        if self.node.succ_proto is self:
+            self.node.succ_proto = None
+            self.node.replica.on_successor_lost()
+
+
+class MasterProtocol(FrameProtocol):
+    """The node's connection to the master: register, then receive configurations."""
+
+    peer_kind = "master"
+
+    def __init__(self, node: NodeService) -> None:
+        self.node = node
+
+    def connectionMade(self) -> None:
+        self.node.master_proto = self
+        self.send(self.node.register_frame())
+
+    def frameReceived(self, mtype: int, body: Container) -> None:
+        if mtype == T.CONFIG:
+            self.node.on_config(ClusterConfig.from_wire(body))
+        elif mtype == T.HEARTBEAT_REPLY:
+            self.node.on_heartbeat_reply(body)
+        elif mtype == T.ERROR:
+            self.log.error("master refused us: {message}", message=error_text(body))
+        else:
+            self.unexpected(mtype)
+
+    def connection_lost(self, reason: Failure) -> None:
+        if self.node.master_proto is self:
+            self.node.master_proto = None
+
+
+class _Factory(Factory):
+    def __init__(self, cls: type, node: NodeService) -> None:
+        self.cls = cls
+        self.node = node
+
+    def buildProtocol(self, addr: Any) -> FrameProtocol:
+        p = self.cls(self.node)
+        p.factory = self
+        return p
+
+
+class NodeService(service.MultiService):
+    """
+    One chain replica as a Twisted service.
+
+    LMDB, the listening sockets and the writer thread are opened in
+    L{startService} (never in the constructor: twistd may fork after it).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        listen: str,
+        master: str,
+        data_dir: str,
+        sync: str = "durable",
+        admin: str | None = None,
+        advertise: str | None = None,
+        port_file: str | None = None,
+        reactor: Any = None,
+        commit_inline: bool = False,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.name = name
+        self.listen = listen
+        self.master = master
+        self.data_dir = data_dir
+        self.sync = sync
+        self.admin = admin
+        self.advertise = advertise
+        self.port_file = port_file
+        self.reactor = reactor
+        self.commit_inline = commit_inline
+        self.config: ClusterConfig = EMPTY
+        self.client_channels: dict[bytes, NodeProtocol] = {}
+        self.pred_proto: NodeProtocol | None = None
+        self.succ_proto: SuccessorProtocol | None = None
+        self.master_proto: MasterProtocol | None = None
+        self._succ_member: Member | None = None
+        self._succ_service: ClientService | None = None
+        self._master_service: ClientService | None = None
+        self._ports: list[IListeningPort] = []
+        self._pool: ThreadPool | None = None
+        self._syncer: LoopingCall | None = None
+        self.store: Store | None = None
+        self.replica: Replica = None  # type: ignore[assignment]
+        self.listen_port = 0
+        self.admin_port: int | None = None
+        self.host = "127.0.0.1"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.store = Store(self.data_dir, self.sync)
+        self.store.open()
+        recovered = self.store.recover()
+        self.replica = Replica(self.name, self.store, recovered)
+        self.log.info(
+            "node {name} opened {path}: applied seq {seq}, epoch {epoch}, {sent} unacknowledged",
+            name=self.name, path=self.data_dir, seq=recovered.applied_seq,
+            epoch=recovered.epoch, sent=len(recovered.sent),
+        )
+        if not self.commit_inline:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"ckv-lmdb-{self.name}")
+            self._pool.start()
+        if self.sync == "replicated":
+            self._syncer = LoopingCall(self._periodic_sync)
+            self._syncer.clock = self.reactor
+            self._syncer.start(1.0, now=False)
+        self._started = defer.ensureDeferred(self._listen())
+        self._started.addErrback(self._start_failed)
+
+    async def _listen(self) -> None:
+        ep = serverFromString(self.reactor, self.listen)
+        port = await ep.listen(_Factory(NodeProtocol, self))
+        self._ports.append(port)
+        addr = port.getHost()
+        self.listen_port = addr.port
+        if self.advertise:
+            host, _, p = self.advertise.rpartition(":")
+            self.host, self.listen_port = host, int(p)
+        elif addr.host not in ("0.0.0.0", "::", ""):
+            self.host = addr.host
+        if self.admin:
+            from ckv.chain.admin import node_admin_factory
+
+            aport = await serverFromString(self.reactor, self.admin).listen(
+                node_admin_factory(self)
+            )
+            self._ports.append(aport)
+            self.admin_port = aport.getHost().port
+        if self.port_file:
+            from ckv.portfile import write_port_file
+
+            write_port_file(self.port_file, addr.port, self.admin_port)
+        self.log.info(
+            "node {name} listening on {host}:{port}, admin {admin}",
+            name=self.name, host=self.host, port=self.listen_port, admin=self.admin_port,
+        )
+        self._master_service = ClientService(
+            clientFromString(self.reactor, self.master),
+            _Factory(MasterProtocol, self),
+            retryPolicy=LINK_RETRY,
+            clock=self.reactor,
+        )
+        self._master_service.startService()
+
+    def _start_failed(self, f: Failure) -> None:
+        self.log.failure("node {name} failed to start", f, name=self.name)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _stop(self) -> None:
+        for svc in (self._master_service, self._succ_service):
+            if svc is not None:
+                await svc.stopService()
+        for port in self._ports:
+            await port.stopListening()
+        for proto in list(self.client_channels.values()) + [self.pred_proto]:
+            if proto is not None and proto.transport is not None:
+                proto.transport.loseConnection()
+        if self._syncer is not None and self._syncer.running:
+            self._syncer.stop()
+        if self._pool is not None:
+            self._pool.stop()
+        if self.store is not None:
+            self.store.close()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    # -- configuration -----------------------------------------------------
+
+    def register_frame(self) -> bytes:
+        r = self.replica
+        return wire.encode(
+            T.REGISTER,
+            name=self.name.encode(),
+            host=self.host.encode(),
+            port=self.listen_port,
+            chain_id=r.chain_id,
+            epoch=r.epoch,
+            applied_seq=r.applied_seq,
+        )
+
+    def on_config(self, config: ClusterConfig) -> None:
+        if config.version < self.config.version:
+            return
+        self.config = config
+        chain = config.chain_of_node(self.name)
+        before = (self.replica.role, self.replica.epoch)
+        self.execute(self.replica.on_config(chain))
+        if (self.replica.role, self.replica.epoch) != before:
+            self.log.info(
+                "node {name}: chain {chain} epoch {epoch}, role {role}",
+                name=self.name, chain=self.replica.chain_id, epoch=self.replica.epoch,
+                role=self.replica.role,
+            )
+        # The predecessor link stays only if its sender is still our predecessor.
+        pred = self.pred_proto
+        if pred is not None and getattr(pred, "peer_name", None) != self.replica.predecessor:
+            pred.transport.loseConnection()
+            self.pred_proto = None
+        succ = chain.successor_of(self.name) if chain is not None else None
+        if succ != self._succ_member:
+            self._connect_successor(succ)
+        self.kick()
+
+    def _connect_successor(self, member: Member | None) -> None:
+        if self._succ_service is not None:
+            self._succ_service.stopService()
+            self._succ_service = None
+        if self.succ_proto is not None:
+            self.succ_proto.transport.loseConnection()
+            self.succ_proto = None
+        self.replica.on_successor_lost()
+        self._succ_member = member
+        if member is None:
+            return
+        self._succ_service = ClientService(
+            clientFromString(self.reactor, member.endpoint()),
+            _Factory(SuccessorProtocol, self),
+            retryPolicy=LINK_RETRY,
+            clock=self.reactor,
+        )
+        self._succ_service.startService()
+
+    def master_link_refresh(self) -> None:
+        """Ask the master for the configuration again (we may be behind)."""
+        if self.master_proto is not None:
+            self.master_proto.send(self.register_frame())
+
+    def on_heartbeat_reply(self, body: Container) -> None:
+        """Leases arrive here (failure handling builds on it)."""
+
+    def predecessor_hello(self, proto: NodeProtocol, body: Container) -> None:
+        name = bytes(body.name).decode("utf-8", "replace")
+        try:
+            frame = self.replica.on_chain_hello(body.chain_id, body.epoch, name)
+        except HelloRefused as e:
+            if e.code == wire.ErrorCode.STALE_EPOCH and body.epoch > self.replica.epoch:
+                self.master_link_refresh()
+            proto.protocol_error(e.code, e.message)
+            return
+        if self.pred_proto is not None and self.pred_proto is not proto:
+            self.pred_proto.transport.loseConnection()
+        proto.is_predecessor = True
+        proto.peer_name = name  # type: ignore[attr-defined]
+        self.pred_proto = proto
+        proto.send(frame)
+        self.log.info(
+            "predecessor {pred} linked at epoch {epoch}; we have seq {seq}",
+            pred=name, epoch=body.epoch, seq=self.replica.applied_seq,
+        )
+
+    # -- actions and commits -----------------------------------------------
+
+    def execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            kind = a.kind
+            if kind == TO_CLIENT:
+                channel = self.client_channels.get(a.target)
+                if channel is not None:
+                    channel.send(a.frame)
+                elif a.origin is not None:
+                    a.origin.send(a.frame)
+            elif kind == TO_SUCCESSOR:
+                if self.succ_proto is not None:
+                    self.succ_proto.send(a.frame)
+            elif kind == TO_PREDECESSOR:
+                if self.pred_proto is not None:
+                    self.pred_proto.send(a.frame)
+            elif kind == TO_ORIGIN:
+                if a.target is not None:
+                    a.target.send(a.frame)
+
+    def kick(self) -> None:
+        """Start committing the next batch, unless one is in flight."""
+        batch = self.replica.take_batch()
+        if batch is None:
+            return
+        assert self.store is not None
+        if self._pool is None:
+            d = defer.maybeDeferred(self.store.commit, batch)
+        else:
+            d = deferToThreadPool(self.reactor, self._pool, self.store.commit, batch)
+        d.addCallbacks(
+            self._committed, self._commit_failed, callbackArgs=(batch,), errbackArgs=(batch,)
+        )
+
+    def _committed(self, _: Any, batch: Batch) -> None:
+        self.execute(self.replica.batch_committed(batch))
+        self.kick()
+
+    def _commit_failed(self, f: Failure, batch: Batch) -> None:
+        self.replica.batch_failed(batch)
+        if f.check(lmdb.MapFullError):
+            assert self.store is not None
+            self.store.grow()
+            self.kick()
+            return
+        self.log.failure("commit of {n} entries failed; retrying in 1s", f, n=len(batch.entries))
+        self.reactor.callLater(1.0, self.kick)
+
+    def _periodic_sync(self) -> defer.Deferred[None] | None:
+        if self._pool is None or self.store is None:
+            return None
+        d = deferToThreadPool(self.reactor, self._pool, self.store.sync)
+        d.addErrback(lambda f: self.log.failure("periodic sync failed", f))
+        return d
+
+    # -- introspection -----------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        s = self.replica.status()
+        s.update(
+            {
+                "listen": f"{self.host}:{self.listen_port}",
+                "data_dir": os.path.abspath(self.data_dir),
+                "sync": self.sync,
+                "master": "connected" if self.master_proto is not None else "disconnected",
+                "predecessor_link": "up" if self.pred_proto is not None else "down",
+                "clients": len(self.client_channels),
+            }
+        )
+        return s
+
+    def stats(self) -> dict[str, Any]:
+        r = self.replica
+        s: dict[str, Any] = {
+            "updates_decided": r.updates_decided,
+            "queries_answered": r.queries_answered,
+            "duplicates": r.duplicates,
+        }
+        if self.store is not None:
+            s.update(self.store.stats())
+        return s

@@ -1,0 +1,65 @@
+"""The master's admin console commands: status, stats, chains, nodes."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from twisted.internet.protocol import ServerFactory
+
+from ckv.admin import AdminCommand, admin_factory, format_kv, format_table
+
+if TYPE_CHECKING:
+    from ckv.master.service import MasterService
+
+
+def master_admin_factory(master: MasterService) -> ServerFactory:
+    def status(args: list[str]) -> str:
+        return format_kv(list(master.status().items()))
+
+    def stats(args: list[str]) -> str:
+        return format_kv(
+            [
+                ("config_version", master.state.version),
+                ("subscribers", len(master.subscribers)),
+                ("registered_nodes", len(master.state.nodes)),
+            ]
+        )
+
+    def chains(args: list[str]) -> str:
+        rows = [
+            [str(c["id"]), str(c["epoch"]), c["state"], " -> ".join(c["members"]) or "-"]
+            for c in master.state.describe()
+        ]
+        return format_table(rows, ["chain", "epoch", "state", "members (head -> tail)"])
+
+    def nodes(args: list[str]) -> str:
+        now = time.monotonic()
+        rows = []
+        for name, m in sorted(master.state.nodes.items()):
+            chain = master.state.chain_of(name)
+            if chain is None:
+                place = "spare"
+            else:
+                i = chain.members.index(name)
+                role = "head" if i == 0 else "tail" if i == len(chain.members) - 1 else "middle"
+                if len(chain.members) == 1:
+                    role = "head+tail"
+                place = f"chain {chain.chain_id} {role}"
+            seen = master.state.last_seen.get(name)
+            age = f"{now - seen:.1f}s" if seen is not None else "-"
+            rows.append([name, f"{m.host}:{m.port}", place, age])
+        return format_table(rows, ["node", "address", "place", "last seen"])
+
+    return admin_factory(
+        "master",
+        [
+            AdminCommand("status", "status", "listen port, config version, counts", status,
+                         max_args=0),
+            AdminCommand("stats", "stats", "counters", stats, max_args=0),
+            AdminCommand("chains", "chains", "every chain, its epoch and members", chains,
+                         max_args=0),
+            AdminCommand("nodes", "nodes", "every known node, its place and last contact",
+                         nodes, max_args=0),
+        ],
+    )

@@ -1,0 +1,218 @@
+"""
+The master as a Twisted service: nodes register, dispatchers and clients
+watch, and every configuration change is persisted, then pushed to all.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import lmdb
+from construct import Container
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ckv import wire
+from ckv.framing import FrameProtocol
+from ckv.master.state import MasterState
+from ckv.wire import MessageType as T
+
+_STATE_KEY = b"state"
+
+
+class MasterProtocol(FrameProtocol):
+    """One connection to the master: a node, a dispatcher or a client."""
+
+    peer_kind = "master peer"
+
+    def __init__(self, master: MasterService) -> None:
+        self.master = master
+        self.node_name: str | None = None
+
+    def frameReceived(self, mtype: int, body: Container) -> None:
+        m = self.master
+        if mtype == T.REGISTER:
+            name = bytes(body.name).decode("utf-8", "replace")
+            host = bytes(body.host).decode("utf-8", "replace")
+            if not name:
+                self.protocol_error(wire.ErrorCode.REJECTED, "a node needs a non-empty name")
+                return
+            self.node_name = name
+            m.subscribers.add(self)
+            m.register(name, host, body.port, body)
+            self.send(m.config_frame())
+        elif mtype == T.WATCH:
+            m.subscribers.add(self)
+            self.send(m.config_frame())
+        elif mtype == T.HEARTBEAT:
+            name = bytes(body.name).decode("utf-8", "replace")
+            m.state.last_seen[name] = time.monotonic()
+            self.send(wire.encode(T.HEARTBEAT_REPLY, lease_ms=m.lease_ms))
+        else:
+            self.unexpected(mtype)
+
+    def connection_lost(self, reason: Failure) -> None:
+        self.master.subscribers.discard(self)
+
+
+class _Factory(Factory):
+    def __init__(self, master: MasterService) -> None:
+        self.master = master
+
+    def buildProtocol(self, addr: Any) -> MasterProtocol:
+        p = MasterProtocol(self.master)
+        p.factory = self
+        return p
+
+
+class MasterService(service.MultiService):
+    """
+    The control plane.  Opens its LMDB store and its ports in
+    L{startService}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        listen: str,
+        data_dir: str,
+        admin: str | None = None,
+        chains: int = 1,
+        chain_length: int = 3,
+        heartbeat_interval: float = 1.0,
+        failure_timeout: float = 5.0,
+        port_file: str | None = None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.listen = listen
+        self.data_dir = data_dir
+        self.admin = admin
+        self.chains = chains
+        self.chain_length = chain_length
+        self.heartbeat_interval = heartbeat_interval
+        self.failure_timeout = failure_timeout
+        self.port_file = port_file
+        self.reactor = reactor
+        self.state = MasterState(chains, chain_length)
+        self.subscribers: set[MasterProtocol] = set()
+        self._env: lmdb.Environment | None = None
+        self._ports: list[IListeningPort] = []
+        self._frame: bytes | None = None
+        self.listen_port = 0
+        self.admin_port: int | None = None
+
+    @property
+    def lease_ms(self) -> int:
+        """Read lease granted to tails (see DESIGN.md, stale reads)."""
+        return int(max(self.failure_timeout - 2 * self.heartbeat_interval, self.heartbeat_interval)
+                   * 1000)
+
+    def startService(self) -> None:
+        super().startService()
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._env = lmdb.open(self.data_dir, map_size=64 << 20, max_dbs=2)
+        self._db = self._env.open_db(b"master")
+        with self._env.begin(db=self._db) as txn:
+            raw = txn.get(_STATE_KEY)
+        if raw is not None:
+            self.state = MasterState.from_json(raw, self.chains, self.chain_length)
+            self.log.info(
+                "master reloaded configuration version {v}: {chains}",
+                v=self.state.version, chains=self.state.describe(),
+            )
+        self._started = defer.ensureDeferred(self._listen())
+        self._started.addErrback(self._start_failed)
+
+    async def _listen(self) -> None:
+        port = await serverFromString(self.reactor, self.listen).listen(_Factory(self))
+        self._ports.append(port)
+        self.listen_port = port.getHost().port
+        if self.admin:
+            from ckv.master.admin import master_admin_factory
+
+            aport = await serverFromString(self.reactor, self.admin).listen(
+                master_admin_factory(self)
+            )
+            self._ports.append(aport)
+            self.admin_port = aport.getHost().port
+        if self.port_file:
+            from ckv.portfile import write_port_file
+
+            write_port_file(self.port_file, self.listen_port, self.admin_port)
+        self.log.info(
+            "master listening on port {port}, admin {admin}",
+            port=self.listen_port, admin=self.admin_port,
+        )
+
+    def _start_failed(self, f: Failure) -> None:
+        self.log.failure("master failed to start", f)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _stop(self) -> None:
+        for port in self._ports:
+            await port.stopListening()
+        for p in list(self.subscribers):
+            if p.transport is not None:
+                p.transport.loseConnection()
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    # -- decisions ---------------------------------------------------------
+
+    def register(self, name: str, host: str, port: int, body: Container) -> None:
+        if self.state.register(name, host, port):
+            self.log.info(
+                "node {name} registered at {host}:{port} (applied seq {seq}); chains: {chains}",
+                name=name, host=host, port=port, seq=body.applied_seq,
+                chains=self.state.describe(),
+            )
+            self.changed()
+
+    def changed(self) -> None:
+        """Persist the state, then push the new configuration to everyone."""
+        assert self._env is not None
+        with self._env.begin(write=True, db=self._db) as txn:
+            txn.put(_STATE_KEY, self.state.to_json())
+        self._frame = None
+        frame = self.config_frame()
+        for p in list(self.subscribers):
+            p.send(frame)
+
+    def config_frame(self) -> bytes:
+        if self._frame is None:
+            self._frame = self.state.config().to_frame()
+        return self._frame
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "listen": self.listen_port,
+            "data_dir": os.path.abspath(self.data_dir),
+            "config_version": self.state.version,
+            "chains": len(self.state.chains),
+            "chain_length": self.chain_length,
+            "nodes": len(self.state.nodes),
+            "spares": len(self.state.spares),
+            "subscribers": len(self.subscribers),
+            "heartbeat_interval": self.heartbeat_interval,
+            "failure_timeout": self.failure_timeout,
+        }

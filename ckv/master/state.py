@@ -1,0 +1,165 @@
+"""
+The master's decisions, without I/O: which node belongs to which chain, in
+which order, at which epoch, and the slot map.  Persisted as one JSON
+document in the master's LMDB store by the service.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckv.config import SLOT_COUNT, Chain, ClusterConfig, Member
+
+
+@dataclass
+class ChainState:
+    """One chain as the master keeps it."""
+
+    chain_id: int
+    epoch: int = 0
+    members: list[str] = field(default_factory=list)
+    #: A chain serves once it has reached the target length the first time;
+    #: before that its members wait (nothing to transfer yet).
+    formed: bool = False
+
+
+class MasterState:
+    """
+    Membership of every chain.
+
+    @param chains: number of chains.
+    @param chain_length: members per chain; a chain starts serving once it
+        has that many.
+    """
+
+    def __init__(self, chains: int = 1, chain_length: int = 3, slot_count: int = SLOT_COUNT) -> None:
+        if chains < 1 or chain_length < 1:
+            raise ValueError("chains and chain_length must be at least 1")
+        self.chain_length = chain_length
+        self.slot_count = slot_count
+        self.version = 0
+        self.chains = [ChainState(i) for i in range(chains)]
+        self.nodes: dict[str, Member] = {}
+        self.spares: list[str] = []
+        self.last_seen: dict[str, float] = {}
+
+    # -- events ------------------------------------------------------------
+
+    def register(self, name: str, host: str, port: int, now: float | None = None) -> bool:
+        """
+        A node (re)registers.  Returns True if the configuration changed.
+
+        A known node keeps its place (a restarted node comes back where it
+        was, so a whole chain restarts in its previous order).  A new node
+        joins the forming chain with the fewest members, or else waits as a
+        spare.
+        """
+        self.last_seen[name] = time.monotonic() if now is None else now
+        member = Member(name, host, port)
+        old = self.nodes.get(name)
+        if old is not None:
+            if old == member:
+                return False
+            self.nodes[name] = member
+            chain = self.chain_of(name)
+            if chain is not None:
+                chain.epoch += 1
+            self.version += 1
+            return True
+        self.nodes[name] = member
+        forming = [c for c in self.chains if not c.formed]
+        if forming:
+            chain = min(forming, key=lambda c: (len(c.members), c.chain_id))
+            chain.members.append(name)
+            chain.epoch += 1
+            if len(chain.members) >= self.chain_length:
+                chain.formed = True
+        else:
+            self.spares.append(name)
+        self.version += 1
+        return True
+
+    def chain_of(self, name: str) -> ChainState | None:
+        for c in self.chains:
+            if name in c.members:
+                return c
+        return None
+
+    # -- views -------------------------------------------------------------
+
+    def slots(self) -> tuple[int, ...]:
+        n = len(self.chains)
+        return tuple(s % n for s in range(self.slot_count))
+
+    def config(self) -> ClusterConfig:
+        """The configuration sent to everyone.  Forming chains have no members yet."""
+        chains = []
+        waiting = []
+        for c in self.chains:
+            if c.formed:
+                chains.append(Chain(c.chain_id, c.epoch, tuple(self.nodes[n] for n in c.members)))
+            else:
+                chains.append(Chain(c.chain_id, c.epoch, ()))
+                waiting.extend(c.members)
+        spares = tuple(self.nodes[n] for n in waiting + self.spares)
+        return ClusterConfig(self.version, self.slots(), tuple(chains), spares)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Chains with their state, for the admin console."""
+        out = []
+        for c in self.chains:
+            out.append(
+                {
+                    "id": c.chain_id,
+                    "epoch": c.epoch,
+                    "state": "serving" if c.formed else
+                    f"forming ({len(c.members)}/{self.chain_length})",
+                    "members": list(c.members),
+                }
+            )
+        return out
+
+    # -- persistence -------------------------------------------------------
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "version": self.version,
+                "chain_length": self.chain_length,
+                "slot_count": self.slot_count,
+                "chains": [
+                    {
+                        "id": c.chain_id,
+                        "epoch": c.epoch,
+                        "members": c.members,
+                        "formed": c.formed,
+                    }
+                    for c in self.chains
+                ],
+                "nodes": {
+                    n: {"host": m.host, "port": m.port} for n, m in self.nodes.items()
+                },
+                "spares": self.spares,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, chains: int, chain_length: int) -> MasterState:
+        """
+        Reload a persisted state.  The persisted chain count wins over the
+        flags (changing it would move keys between chains); a larger
+        chain length applies to chains still forming.
+        """
+        d = json.loads(raw)
+        state = cls(len(d["chains"]), chain_length, d.get("slot_count", SLOT_COUNT))
+        state.version = d["version"]
+        state.nodes = {n: Member(n, v["host"], v["port"]) for n, v in d["nodes"].items()}
+        state.chains = [
+            ChainState(c["id"], c["epoch"], list(c["members"]), c["formed"]) for c in d["chains"]
+        ]
+        state.spares = list(d["spares"])
+        return state

@@ -1,0 +1,243 @@
+"""
+The LMDB store of one replica.
+
+Four named databases in one environment:
+
+  - C{data}: key -> value, the replicated map.
+  - C{sessions}: client_id + lane (20 bytes) -> last request id (u64) and
+    its result status (u8): what makes retries exactly once.
+  - C{sent}: seq (u64, big-endian) -> encoded update entry: updates this
+    node has applied and forwarded but the tail has not acknowledged yet.
+    Durable so that a whole-chain restart loses nothing.
+  - C{meta}: applied seq, epoch, chain id.
+
+Every batch of updates is applied in one write transaction (group commit),
+together with its sessions, its sent entries and the new applied seq, so a
+crash leaves the store at a batch boundary.
+
+Reads run inline on the reactor thread (a read transaction plus a get is
+well under a microsecond); write transactions run wherever L{Store.commit}
+is called, which is a single dedicated thread in the node (LMDB requires a
+write transaction to stay on its thread).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import lmdb
+from twisted.logger import Logger
+
+from ckv import wire
+from ckv.entry import Entry
+
+SYNC_MODES = ("durable", "replicated")
+
+_U64 = struct.Struct(">Q")
+_SESSION = struct.Struct(">QB")
+
+_APPLIED = b"applied_seq"
+_EPOCH = b"epoch"
+_CHAIN = b"chain_id"
+
+#: Initial map size.  On 64-bit systems a large map costs nothing until used.
+DEFAULT_MAP_SIZE = 1 << 30
+
+
+def session_key(client_id: bytes, lane: int) -> bytes:
+    """The key of a client session: client id followed by the lane (u32)."""
+    return client_id + lane.to_bytes(4, "big")
+
+
+@dataclass
+class Batch:
+    """What one write transaction does."""
+
+    entries: list[Entry] = field(default_factory=list)
+    #: Record the entries in the sent list (every member but the tail).
+    keep_sent: bool = True
+    #: Remove sent entries with seq <= this (acknowledged by the tail).
+    prune_sent_upto: int = 0
+    #: New epoch and chain id to record, if any.
+    epoch: int | None = None
+    chain_id: int | None = None
+
+    @property
+    def last_seq(self) -> int | None:
+        return self.entries[-1].seq if self.entries else None
+
+
+@dataclass
+class Recovered:
+    """What a replica reads back from its store when it starts."""
+
+    applied_seq: int = 0
+    epoch: int = 0
+    chain_id: int = wire.NO_CHAIN
+    sent: list[Entry] = field(default_factory=list)
+
+
+class Store:
+    """
+    One replica's LMDB environment.
+
+    @param path: directory of the environment (created if missing).
+    @param sync: C{"durable"} (fsync at every commit, the default) or
+        C{"replicated"} (no fsync per commit; call L{sync} periodically;
+        a power loss of the machine may lose the last commits, which the
+        chain's other replicas still hold).
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, sync: str = "durable", map_size: int = DEFAULT_MAP_SIZE) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"unknown sync mode {sync!r}; expected one of {', '.join(SYNC_MODES)}")
+        self.path = path
+        self.sync_mode = sync
+        self.map_size = map_size
+        self.env: lmdb.Environment | None = None
+        self.commits = 0
+        self.committed_entries = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        self.env = lmdb.open(
+            self.path,
+            map_size=self.map_size,
+            max_dbs=8,
+            sync=self.sync_mode == "durable",
+            metasync=self.sync_mode == "durable",
+            # A node holds one environment; readers are the reactor thread.
+            max_readers=64,
+        )
+        self.map_size = self.env.info()["map_size"]
+        self._data = self.env.open_db(b"data")
+        self._sessions = self.env.open_db(b"sessions")
+        self._sent = self.env.open_db(b"sent")
+        self._meta = self.env.open_db(b"meta")
+
+    def close(self) -> None:
+        if self.env is not None:
+            if self.sync_mode != "durable":
+                self.env.sync(True)
+            self.env.close()
+            self.env = None
+
+    def _env(self) -> lmdb.Environment:
+        if self.env is None:
+            raise RuntimeError("store is not open")
+        return self.env
+
+    # -- reads -------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._env().begin(db=self._data, buffers=False) as txn:
+            return txn.get(key)
+
+    def session(self, skey: bytes) -> tuple[int, int] | None:
+        """The last (request id, status) recorded for a session, if any."""
+        with self._env().begin(db=self._sessions) as txn:
+            raw = txn.get(skey)
+        if raw is None:
+            return None
+        return _SESSION.unpack(raw)  # type: ignore[return-value]
+
+    def recover(self) -> Recovered:
+        """Read back the replica's durable state."""
+        env = self._env()
+        with env.begin() as txn:
+            applied = txn.get(_APPLIED, db=self._meta)
+            epoch = txn.get(_EPOCH, db=self._meta)
+            chain = txn.get(_CHAIN, db=self._meta)
+            sent = [Entry.decode(v) for _, v in txn.cursor(db=self._sent)]
+        return Recovered(
+            applied_seq=_U64.unpack(applied)[0] if applied else 0,
+            epoch=_U64.unpack(epoch)[0] if epoch else 0,
+            chain_id=_U64.unpack(chain)[0] if chain else wire.NO_CHAIN,
+            sent=sent,
+        )
+
+    def stats(self) -> dict[str, int]:
+        env = self._env()
+        with env.begin() as txn:
+            keys = txn.stat(self._data)["entries"]
+            sessions = txn.stat(self._sessions)["entries"]
+            sent = txn.stat(self._sent)["entries"]
+        info = env.info()
+        return {
+            "keys": keys,
+            "sessions": sessions,
+            "sent_on_disk": sent,
+            "map_size": info["map_size"],
+            "used_bytes": (info["last_pgno"] + 1) * env.stat()["psize"],
+            "commits": self.commits,
+            "committed_entries": self.committed_entries,
+        }
+
+    def items(self) -> Iterable[tuple[bytes, bytes]]:
+        """Every key and value (a snapshot; for tests and small tools)."""
+        with self._env().begin(db=self._data) as txn:
+            return list(txn.cursor())
+
+    # -- writes ------------------------------------------------------------
+
+    def commit(self, batch: Batch) -> None:
+        """
+        Apply a batch in one write transaction.
+
+        @raise lmdb.MapFullError: the map is full; call L{grow} (with no
+            transaction open in this process) and commit the batch again.
+        """
+        env = self._env()
+        data, sessions, sent = self._data, self._sessions, self._sent
+        with env.begin(write=True) as txn:
+            for e in batch.entries:
+                if e.op == wire.Op.PUT:
+                    txn.put(e.key, e.value, db=data)
+                elif e.op == wire.Op.DELETE:
+                    txn.delete(e.key, db=data)
+                if e.client_id != wire.NO_CLIENT:
+                    txn.put(
+                        session_key(e.client_id, e.lane),
+                        _SESSION.pack(e.request_id, e.status),
+                        db=sessions,
+                    )
+                if batch.keep_sent:
+                    txn.put(_U64.pack(e.seq), e.encode(), db=sent)
+            if batch.prune_sent_upto:
+                self._prune(txn, batch.prune_sent_upto)
+            if batch.entries:
+                txn.put(_APPLIED, _U64.pack(batch.entries[-1].seq), db=self._meta)
+            if batch.epoch is not None:
+                txn.put(_EPOCH, _U64.pack(batch.epoch), db=self._meta)
+            if batch.chain_id is not None:
+                txn.put(_CHAIN, _U64.pack(batch.chain_id), db=self._meta)
+        self.commits += 1
+        self.committed_entries += len(batch.entries)
+
+    def _prune(self, txn: lmdb.Transaction, upto: int) -> None:
+        cursor = txn.cursor(db=self._sent)
+        limit = _U64.pack(upto)
+        if not cursor.first():
+            return
+        while cursor.key() <= limit:
+            if not cursor.delete():
+                break
+
+    def grow(self) -> None:
+        """Double the map size.  No transaction may be open in this process."""
+        env = self._env()
+        new = env.info()["map_size"] * 2
+        env.set_mapsize(new)
+        self.map_size = new
+        self.log.info("LMDB map grown to {size} bytes", size=new)
+
+    def sync(self) -> None:
+        """Flush to disk (the periodic flush of the C{replicated} mode)."""
+        self._env().sync(True)
