@@ -247,7 +247,17 @@ class WireError(Exception):
 
 
 def encode(mtype: MessageType, **fields: Any) -> bytes:
-    """Build the body of one frame (without its length prefix)."""
+    """
+    Build the body of one frame (without its length prefix).
+
+    @raise ValueError: a fixed-size field has the wrong size (the compiled
+        builder would silently write a shifted frame).
+    """
+    cid = fields.get("client_id")
+    if cid is not None and len(cid) != CLIENT_ID_LEN:
+        raise ValueError(f"client_id must be {CLIENT_ID_LEN} bytes, not {len(cid)}")
+    if mtype == MessageType.CONFIG and fields.get("slot_count") != len(fields.get("slots", ())):
+        raise ValueError("CONFIG slot_count must equal the number of slots")
     return CompiledFrame.build(
         {"version": PROTOCOL_VERSION, "type": int(mtype), "body": fields}
     )
@@ -302,7 +312,7 @@ def _short(e: Exception) -> str:
 
 def error_frame(code: ErrorCode, message: str) -> bytes:
     """An ERROR frame carrying C{message} (truncated to fit)."""
-    raw = message.encode("utf-8", "replace")[:1000]
+    raw = _utf8_prefix(message, 1000)
     return encode(MessageType.ERROR, code=int(code), message=raw)
 
 
@@ -350,7 +360,12 @@ def reply(client_id: bytes, request_id: int, status: Status, value: bytes = b"")
 
 def error_reply(client_id: bytes, request_id: int, status: Status, message: str) -> bytes:
     """A REPLY whose status is an error, with a human-readable message."""
-    return reply(client_id, request_id, status, message.encode("utf-8", "replace")[:4096])
+    return reply(client_id, request_id, status, _utf8_prefix(message, 4096))
+
+
+def _utf8_prefix(text: str, limit: int) -> bytes:
+    """At most C{limit} bytes of C{text} in UTF-8, never cutting a character."""
+    return text.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
 def check_request(req: Container) -> tuple[Status, str] | None:

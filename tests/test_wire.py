@@ -637,16 +637,11 @@ def test_error_frame_non_ascii():
     assert e.message.startswith("clé ".encode())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor, wire.py): error_frame and error_reply truncate the UTF-8 "
-    "bytes at a fixed length, which can cut a multi-byte character in two and "
-    "send a message that is not valid UTF-8"))
 def test_error_frame_truncation_keeps_valid_utf8():
     _, e = wire.decode(wire.error_frame(ErrorCode.MALFORMED, "€" * 1000))
     e.message.decode("utf-8")  # strict: raises UnicodeDecodeError today
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor, wire.py): same as above, for error_reply")
 def test_error_reply_truncation_keeps_valid_utf8():
     _, r = wire.decode(wire.error_reply(CID, 1, Status.INTERNAL, "€" * 2000))
     r.value.decode("utf-8")
@@ -658,7 +653,7 @@ def test_error_frame_fits_any_code():
         assert e.code == code and e.message == code.name.encode()
 
 
-# -- known bugs of the compiled encoder (wire.encode) -----------------------------
+# -- the compiled encoder refuses what would build a shifted frame ----------------
 #
 # Compiled construct writes a Bytes(16) field with a bare io.write(obj) and an
 # Array(this.slot_count) with obj[i] for i in range(slot_count): it checks
@@ -668,9 +663,6 @@ def test_error_frame_fits_any_code():
 
 @pytest.mark.parametrize("cid", [b"", b"short", b"x" * 15, b"x" * 17],
                          ids=["empty", "5", "15", "17"])
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (wire.py): wire.encode (compiled build) accepts a client_id that is "
-    "not 16 bytes and writes a frame whose later fields are shifted"))
 def test_encode_rejects_client_id_of_wrong_length(cid):
     with pytest.raises(BUILD_ERRORS):
         wire.Frame.build(body(MessageType.CLIENT_HELLO, {"client_id": cid}))
@@ -678,9 +670,6 @@ def test_encode_rejects_client_id_of_wrong_length(cid):
         wire.request(cid, 0, 1, Op.PUT, b"k", b"v")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (wire.py): wire.encode (compiled build) of a CONFIG whose slot_count "
-    "is smaller than len(slots) silently drops the extra slots"))
 def test_encode_rejects_inconsistent_slot_count():
     fields = {"version": 1, "slot_count": 2, "slots": [1, 2, 3], "chains": [], "spares": []}
     with pytest.raises(BUILD_ERRORS):
