@@ -28,14 +28,14 @@ from construct import (
     Array,
     Bytes,
     Construct,
-    Container,
     ConstructError,
+    Container,
     Error,
+    GreedyBytes,
     Int8ub,
     Int16ub,
     Int32ub,
     Int64ub,
-    GreedyBytes,
     Prefixed,
     PrefixedArray,
     StreamError,
@@ -258,9 +258,7 @@ def encode(mtype: MessageType, **fields: Any) -> bytes:
         raise ValueError(f"client_id must be {CLIENT_ID_LEN} bytes, not {len(cid)}")
     if mtype == MessageType.CONFIG and fields.get("slot_count") != len(fields.get("slots", ())):
         raise ValueError("CONFIG slot_count must equal the number of slots")
-    return CompiledFrame.build(
-        {"version": PROTOCOL_VERSION, "type": int(mtype), "body": fields}
-    )
+    return CompiledFrame.build({"version": PROTOCOL_VERSION, "type": int(mtype), "body": fields})
 
 
 def decode(data: bytes) -> tuple[int, Container]:

@@ -30,13 +30,17 @@ def node_admin_factory(node: NodeService) -> ServerFactory:
     return admin_factory(
         f"node {node.name}",
         [
-            AdminCommand("status", "status", "role, chain, epoch, seqs and links", status,
-                         max_args=0),
+            AdminCommand(
+                "status", "status", "role, chain, epoch, seqs and links", status, max_args=0
+            ),
             AdminCommand("stats", "stats", "counters and storage figures", stats, max_args=0),
             AdminCommand(
-                "get", "get KEY",
-                f"this replica's own committed copy of KEY ({KEY_HELP})", get,
-                min_args=1, max_args=1,
+                "get",
+                "get KEY",
+                f"this replica's own committed copy of KEY ({KEY_HELP})",
+                get,
+                min_args=1,
+                max_args=1,
             ),
         ],
     )

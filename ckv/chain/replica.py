@@ -190,7 +190,9 @@ class Replica:
         if req.epoch and req.epoch != self.epoch:
             return [
                 self._error(
-                    req, origin, Status.STALE_EPOCH,
+                    req,
+                    origin,
+                    Status.STALE_EPOCH,
                     f"request for epoch {req.epoch}, chain is at epoch {self.epoch}",
                 )
             ]
@@ -203,7 +205,9 @@ class Replica:
                 if req.request_id < last_rid:
                     return [
                         self._error(
-                            req, origin, Status.STALE_REQUEST,
+                            req,
+                            origin,
+                            Status.STALE_REQUEST,
                             f"request {req.request_id} on lane {req.lane} is older than "
                             f"request {last_rid}, already applied",
                         )
@@ -268,7 +272,9 @@ class Replica:
         return [Action(TO_CLIENT, frame, req.client_id, origin)]
 
     def _error(self, req: Any, origin: Any, status: Status, message: str) -> Action:
-        return Action(TO_ORIGIN, wire.error_reply(req.client_id, req.request_id, status, message), origin)
+        return Action(
+            TO_ORIGIN, wire.error_reply(req.client_id, req.request_id, status, message), origin
+        )
 
     # -- the chain ---------------------------------------------------------
 
@@ -318,7 +324,9 @@ class Replica:
             self.log.critical(
                 "successor {succ} is ahead of {name}: it has seq {theirs}, we committed {ours}; "
                 "not forwarding",
-                succ=self.successor, name=self.name, theirs=successor_applied,
+                succ=self.successor,
+                name=self.name,
+                theirs=successor_applied,
                 ours=self.committed_seq,
             )
             return []
@@ -326,7 +334,9 @@ class Replica:
             self.log.critical(
                 "successor {succ} lacks seq {first}..: it has {theirs}, already acknowledged; "
                 "it needs a state transfer",
-                succ=self.successor, first=self.acked_seq + 1, theirs=successor_applied,
+                succ=self.successor,
+                first=self.acked_seq + 1,
+                theirs=successor_applied,
             )
             return []
         self.forward_cursor = successor_applied
@@ -363,7 +373,9 @@ class Replica:
     def _ack_upstream(self, seq: int) -> list[Action]:
         if self.predecessor is None:
             return []
-        return [Action(TO_PREDECESSOR, wire.encode(wire.MessageType.ACK, epoch=self.epoch, seq=seq))]
+        return [
+            Action(TO_PREDECESSOR, wire.encode(wire.MessageType.ACK, epoch=self.epoch, seq=seq))
+        ]
 
     # -- accepting and committing ------------------------------------------
 
@@ -459,7 +471,11 @@ class Replica:
         for e in entries:
             if e.client_id != wire.NO_CLIENT:
                 out.append(
-                    Action(TO_CLIENT, wire.reply(e.client_id, e.request_id, Status(e.status)), e.client_id)
+                    Action(
+                        TO_CLIENT,
+                        wire.reply(e.client_id, e.request_id, Status(e.status)),
+                        e.client_id,
+                    )
                 )
         return out
 

@@ -72,9 +72,7 @@ class NodeProtocol(FrameProtocol):
         elif mtype == T.CLIENT_HELLO:
             self.client_id = bytes(body.client_id)
             node.client_channels[self.client_id] = self
-            self.send(
-                wire.encode(T.WELCOME, name=node.name.encode(), epoch=node.replica.epoch)
-            )
+            self.send(wire.encode(T.WELCOME, name=node.name.encode(), epoch=node.replica.epoch))
         elif mtype == T.CHAIN_HELLO:
             node.predecessor_hello(self, body)
         else:
@@ -110,9 +108,7 @@ class SuccessorProtocol(FrameProtocol):
             node.execute(node.replica.on_ack(body.epoch, body.seq))
             node.kick()
         elif mtype == T.ERROR:
-            self.log.warn(
-                "successor refused the link: {message}", message=error_text(body)
-            )
+            self.log.warn("successor refused the link: {message}", message=error_text(body))
             node.master_link_refresh()
             self.transport.loseConnection()
         else:
@@ -228,8 +224,11 @@ class NodeService(service.MultiService):
         self.replica = Replica(self.name, self.store, recovered)
         self.log.info(
             "node {name} opened {path}: applied seq {seq}, epoch {epoch}, {sent} unacknowledged",
-            name=self.name, path=self.data_dir, seq=recovered.applied_seq,
-            epoch=recovered.epoch, sent=len(recovered.sent),
+            name=self.name,
+            path=self.data_dir,
+            seq=recovered.applied_seq,
+            epoch=recovered.epoch,
+            sent=len(recovered.sent),
         )
         if not self.commit_inline:
             self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"ckv-lmdb-{self.name}")
@@ -266,7 +265,10 @@ class NodeService(service.MultiService):
             write_port_file(self.port_file, addr.port, self.admin_port)
         self.log.info(
             "node {name} listening on {host}:{port}, admin {admin}",
-            name=self.name, host=self.host, port=self.listen_port, admin=self.admin_port,
+            name=self.name,
+            host=self.host,
+            port=self.listen_port,
+            admin=self.admin_port,
         )
         self._master_service = ClientService(
             clientFromString(self.reactor, self.master),
@@ -325,7 +327,9 @@ class NodeService(service.MultiService):
         if (self.replica.role, self.replica.epoch) != before:
             self.log.info(
                 "node {name}: chain {chain} epoch {epoch}, role {role}",
-                name=self.name, chain=self.replica.chain_id, epoch=self.replica.epoch,
+                name=self.name,
+                chain=self.replica.chain_id,
+                epoch=self.replica.epoch,
                 role=self.replica.role,
             )
         # The predecessor link stays only if its sender is still our predecessor.
@@ -382,7 +386,9 @@ class NodeService(service.MultiService):
         proto.send(frame)
         self.log.info(
             "predecessor {pred} linked at epoch {epoch}; we have seq {seq}",
-            pred=name, epoch=body.epoch, seq=self.replica.applied_seq,
+            pred=name,
+            epoch=body.epoch,
+            seq=self.replica.applied_seq,
         )
 
     # -- actions and commits -----------------------------------------------

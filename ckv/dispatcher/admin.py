@@ -22,8 +22,9 @@ def dispatcher_admin_factory(d: DispatcherService) -> ServerFactory:
     return admin_factory(
         "dispatcher",
         [
-            AdminCommand("status", "status", "master link, configuration, node links", status,
-                         max_args=0),
+            AdminCommand(
+                "status", "status", "master link, configuration, node links", status, max_args=0
+            ),
             AdminCommand("stats", "stats", "requests routed and refused", stats, max_args=0),
         ],
     )

@@ -86,7 +86,8 @@ class NodeLinkProtocol(FrameProtocol):
         elif mtype == T.ERROR:
             self.log.warn(
                 "node {name} closed our link: {message}",
-                name=self.link.member.name, message=error_text(body),
+                name=self.link.member.name,
+                message=error_text(body),
             )
         else:
             self.unexpected(mtype)
@@ -210,7 +211,8 @@ class DispatcherService(service.MultiService):
             write_port_file(self.port_file, self.listen_port, self.admin_port)
         self.log.info(
             "dispatcher listening on port {port}, admin {admin}",
-            port=self.listen_port, admin=self.admin_port,
+            port=self.listen_port,
+            admin=self.admin_port,
         )
 
     def _start_failed(self, f: Failure) -> None:
@@ -284,7 +286,8 @@ class DispatcherService(service.MultiService):
             "chains": len(self.config.chains),
             "links": ", ".join(
                 f"{n}:{'up' if link.proto else 'down'}" for n, link in sorted(self.links.items())
-            ) or "-",
+            )
+            or "-",
             "clients": len(self.clients),
             "watchers": len(self.watchers),
         }

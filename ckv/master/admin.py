@@ -54,12 +54,15 @@ def master_admin_factory(master: MasterService) -> ServerFactory:
     return admin_factory(
         "master",
         [
-            AdminCommand("status", "status", "listen port, config version, counts", status,
-                         max_args=0),
+            AdminCommand(
+                "status", "status", "listen port, config version, counts", status, max_args=0
+            ),
             AdminCommand("stats", "stats", "counters", stats, max_args=0),
-            AdminCommand("chains", "chains", "every chain, its epoch and members", chains,
-                         max_args=0),
-            AdminCommand("nodes", "nodes", "every known node, its place and last contact",
-                         nodes, max_args=0),
+            AdminCommand(
+                "chains", "chains", "every chain, its epoch and members", chains, max_args=0
+            ),
+            AdminCommand(
+                "nodes", "nodes", "every known node, its place and last contact", nodes, max_args=0
+            ),
         ],
     )

@@ -118,8 +118,9 @@ class MasterService(service.MultiService):
     @property
     def lease_ms(self) -> int:
         """Read lease granted to tails (see DESIGN.md, stale reads)."""
-        return int(max(self.failure_timeout - 2 * self.heartbeat_interval, self.heartbeat_interval)
-                   * 1000)
+        return int(
+            max(self.failure_timeout - 2 * self.heartbeat_interval, self.heartbeat_interval) * 1000
+        )
 
     def startService(self) -> None:
         super().startService()
@@ -132,7 +133,8 @@ class MasterService(service.MultiService):
             self.state = MasterState.from_json(raw, self.chains, self.chain_length)
             self.log.info(
                 "master reloaded configuration version {v}: {chains}",
-                v=self.state.version, chains=self.state.describe(),
+                v=self.state.version,
+                chains=self.state.describe(),
             )
         self._started = defer.ensureDeferred(self._listen())
         self._started.addErrback(self._start_failed)
@@ -155,7 +157,8 @@ class MasterService(service.MultiService):
             write_port_file(self.port_file, self.listen_port, self.admin_port)
         self.log.info(
             "master listening on port {port}, admin {admin}",
-            port=self.listen_port, admin=self.admin_port,
+            port=self.listen_port,
+            admin=self.admin_port,
         )
 
     def _start_failed(self, f: Failure) -> None:
@@ -183,7 +186,10 @@ class MasterService(service.MultiService):
         if self.state.register(name, host, port):
             self.log.info(
                 "node {name} registered at {host}:{port} (applied seq {seq}); chains: {chains}",
-                name=name, host=host, port=port, seq=body.applied_seq,
+                name=name,
+                host=host,
+                port=port,
+                seq=body.applied_seq,
                 chains=self.state.describe(),
             )
             self.changed()

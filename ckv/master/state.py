@@ -35,7 +35,9 @@ class MasterState:
         has that many.
     """
 
-    def __init__(self, chains: int = 1, chain_length: int = 3, slot_count: int = SLOT_COUNT) -> None:
+    def __init__(
+        self, chains: int = 1, chain_length: int = 3, slot_count: int = SLOT_COUNT
+    ) -> None:
         if chains < 1 or chain_length < 1:
             raise ValueError("chains and chain_length must be at least 1")
         self.chain_length = chain_length
@@ -115,8 +117,9 @@ class MasterState:
                 {
                     "id": c.chain_id,
                     "epoch": c.epoch,
-                    "state": "serving" if c.formed else
-                    f"forming ({len(c.members)}/{self.chain_length})",
+                    "state": "serving"
+                    if c.formed
+                    else f"forming ({len(c.members)}/{self.chain_length})",
                     "members": list(c.members),
                 }
             )
@@ -139,9 +142,7 @@ class MasterState:
                     }
                     for c in self.chains
                 ],
-                "nodes": {
-                    n: {"host": m.host, "port": m.port} for n, m in self.nodes.items()
-                },
+                "nodes": {n: {"host": m.host, "port": m.port} for n, m in self.nodes.items()},
                 "spares": self.spares,
             },
             sort_keys=True,
