@@ -1,0 +1,323 @@
+"""
+Request correlation, retries and lanes: the client's logic, without sockets.
+
+L{RequestEngine} turns an operation into a REQUEST frame, hands it to a
+L{Path} (the session layer, which knows which connections are up), matches
+REPLY frames to requests by request id, resends on silence, on retryable
+statuses and on lost connections, and fails each request with
+L{Unavailable} at its deadline.  Time comes from an injected
+L{IReactorTime}, so tests drive it with L{twisted.internet.task.Clock}.
+
+Exactly once: every update occupies a I{lane} while it is outstanding; a
+retry resends the same lane and request id, so the chain recognises it and
+returns the recorded result instead of applying it again.  Request ids come
+from one strictly increasing counter per client, queries included (they use
+lane 0).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ckv import wire
+from ckv.errors import ProtocolError, RequestError, TooLarge, Unavailable
+from ckv.wire import Op, Status
+
+#: Statuses after which the same request is sent again (after a backoff).
+RETRYABLE = frozenset({Status.UNAVAILABLE, Status.NOT_HEAD, Status.NOT_TAIL, Status.STALE_EPOCH})
+#: Statuses that are a result, not an error.
+RESULTS = frozenset({Status.OK, Status.NOT_FOUND, Status.CAS_FAILED})
+#: The lane of queries (they need no deduplication).
+QUERY_LANE = 0
+
+
+class Path(Protocol):
+    """Where the engine sends frames: implemented by the session layer."""
+
+    def transmit(self, key: bytes, frame: bytes) -> bool:
+        """
+        Send the REQUEST frame for C{key} now if its path is ready (the
+        dispatcher connected and the tail that will answer welcomed us).
+
+        @return: True if sent, False if the path is not ready (the engine
+            keeps the request and sends it on L{RequestEngine.path_ready}).
+        """
+
+
+def check_sizes(key: bytes, value: bytes | None = None, expected: bytes | None = None) -> None:
+    """
+    Check the limits of L{ckv.wire} before anything is sent.
+
+    @raise TypeError: a key or value is not bytes.
+    @raise TooLarge: the key or a value exceeds its limit.
+    """
+    for name, v in (("key", key), ("value", value), ("expected value", expected)):
+        if v is not None and not isinstance(v, bytes):
+            raise TypeError(f"the {name} must be bytes, not {type(v).__name__}")
+    if len(key) > wire.MAX_KEY:
+        raise TooLarge(
+            Status.TOO_LARGE, f"key of {len(key)} bytes exceeds the limit of {wire.MAX_KEY}"
+        )
+    for name, v in (("value", value), ("expected value", expected)):
+        if v is not None and len(v) > wire.MAX_VALUE:
+            raise TooLarge(
+                Status.TOO_LARGE,
+                f"{name} of {len(v)} bytes exceeds the limit of {wire.MAX_VALUE}",
+            )
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One outstanding request."""
+
+    request_id: int
+    lane: int
+    op: Op
+    key: bytes
+    frame: bytes
+    timeout: float
+    interval: float
+    backoff: float
+    deferred: Deferred[tuple[Status, bytes]] = field(repr=False)
+    deadline: IDelayedCall | None = field(default=None, repr=False)
+    timer: IDelayedCall | None = field(default=None, repr=False)
+    #: True while the frame is out and we wait for its reply.
+    sent: bool = False
+    #: How many times the frame was handed to the transport.
+    sends: int = 0
+
+
+class RequestEngine:
+    """
+    Outstanding requests of one client: ids, lanes, deadlines, retries.
+
+    @ivar attempt_interval: longest wait for a reply before the same frame is
+        sent again (per request: at most a third of its timeout).
+    @ivar min_backoff: first wait before resending after a retryable status
+        or while the path is down; doubles up to C{max_backoff}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client_id: bytes,
+        path: Path,
+        *,
+        attempt_interval: float = 1.0,
+        min_backoff: float = 0.05,
+        max_backoff: float = 1.0,
+    ) -> None:
+        if len(client_id) != wire.CLIENT_ID_LEN:
+            raise ValueError(f"a client id is {wire.CLIENT_ID_LEN} bytes")
+        self.clock = clock
+        self.client_id = client_id
+        self.path = path
+        self.attempt_interval = attempt_interval
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._next_request_id = 1
+        self._next_lane = 1
+        self._free_lanes: list[int] = []
+        self._pending: dict[int, _Pending] = {}
+
+    # -- introspection (tests, status) -----------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """Number of requests waiting for their outcome."""
+        return len(self._pending)
+
+    @property
+    def lanes_in_use(self) -> set[int]:
+        return {p.lane for p in self._pending.values() if p.lane != QUERY_LANE}
+
+    # -- lanes --------------------------------------------------------------
+
+    def _take_lane(self) -> int:
+        if self._free_lanes:
+            return heapq.heappop(self._free_lanes)
+        lane = self._next_lane
+        self._next_lane += 1
+        return lane
+
+    def _release_lane(self, lane: int) -> None:
+        if lane != QUERY_LANE:
+            heapq.heappush(self._free_lanes, lane)
+
+    # -- submitting ---------------------------------------------------------
+
+    def submit(
+        self,
+        op: Op,
+        key: bytes,
+        *,
+        value: bytes | None = None,
+        expected: bytes | None = None,
+        has_expected: bool = False,
+        timeout: float,
+    ) -> Deferred[tuple[Status, bytes]]:
+        """
+        Send one request and wait for its outcome.
+
+        @return: a Deferred firing with C{(status, value)} for a result
+            status (OK, NOT_FOUND, CAS_FAILED), failing with
+            L{RequestError}/L{TooLarge} for an error status, with
+            L{Unavailable} when C{timeout} seconds pass without an answer.
+        """
+        lane = QUERY_LANE if op is Op.GET else self._take_lane()
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        frame = wire.request(
+            self.client_id,
+            lane,
+            request_id,
+            op,
+            key,
+            value=value,
+            expected=expected,
+            has_expected=has_expected,
+        )
+        p = _Pending(
+            request_id=request_id,
+            lane=lane,
+            op=op,
+            key=key,
+            frame=frame,
+            timeout=timeout,
+            interval=max(0.001, min(self.attempt_interval, timeout / 3)),
+            backoff=self.min_backoff,
+            deferred=Deferred(lambda d: self._cancel(request_id)),
+        )
+        self._pending[request_id] = p
+        p.deadline = self.clock.callLater(timeout, self._expire, p)
+        self._attempt(p)
+        return p.deferred
+
+    def _attempt(self, p: _Pending) -> None:
+        """Hand the frame to the path; arm the resend timer either way."""
+        self._stop_timer(p)
+        if self._pending.get(p.request_id) is not p:
+            return
+        if self.path.transmit(p.key, p.frame):
+            p.sent = True
+            p.sends += 1
+            p.timer = self.clock.callLater(p.interval, self._silence, p)
+        else:
+            p.sent = False
+            self._retry_later(p)
+
+    def _silence(self, p: _Pending) -> None:
+        p.timer = None
+        self.log.debug(
+            "no reply to request {request_id} (lane {lane}) yet, resending",
+            request_id=p.request_id,
+            lane=p.lane,
+        )
+        self._attempt(p)
+
+    def _retry_later(self, p: _Pending) -> None:
+        self._stop_timer(p)
+        p.timer = self.clock.callLater(p.backoff, self._attempt, p)
+        p.backoff = min(p.backoff * 2, self.max_backoff)
+
+    @staticmethod
+    def _stop_timer(p: _Pending) -> None:
+        if p.timer is not None:
+            if p.timer.active():
+                p.timer.cancel()
+            p.timer = None
+
+    # -- events from the session layer -------------------------------------
+
+    def path_ready(self) -> None:
+        """A connection came up: send every request that is not out."""
+        for p in sorted(self._pending.values(), key=lambda p: p.request_id):
+            if not p.sent and self._pending.get(p.request_id) is p:
+                self._attempt(p)
+
+    def path_lost(self, affects: Callable[[bytes], bool] | None = None) -> None:
+        """
+        A connection went down: requests that were out on it (those whose key
+        C{affects}, or all) will get no reply; send them again when possible.
+        """
+        for p in sorted(self._pending.values(), key=lambda p: p.request_id):
+            if p.sent and (affects is None or affects(p.key)):
+                p.sent = False
+                if self._pending.get(p.request_id) is p:
+                    self._attempt(p)
+
+    def reply_received(self, request_id: int, status: int, value: bytes) -> bool:
+        """
+        A REPLY arrived (on any connection).
+
+        @return: False if no outstanding request has this id (a late
+            duplicate, ignored).
+        """
+        p = self._pending.get(request_id)
+        if p is None:
+            self.log.debug(
+                "ignoring a reply to unknown request {request_id}", request_id=request_id
+            )
+            return False
+        if status in RETRYABLE:
+            self.log.debug(
+                "request {request_id}: {status}, retrying",
+                request_id=request_id,
+                status=Status(status).name,
+                message=value.decode("utf-8", "replace"),
+            )
+            p.sent = False
+            self._retry_later(p)
+            return True
+        self._finish(p)
+        if status in RESULTS:
+            p.deferred.callback((Status(status), value))
+        elif status >= 16:
+            message = value.decode("utf-8", "replace")
+            cls = TooLarge if status == Status.TOO_LARGE else RequestError
+            p.deferred.errback(cls(status, message))
+        else:
+            p.deferred.errback(ProtocolError(f"unknown status {status} in a reply"))
+        return True
+
+    def fail_all(self, exc: Exception) -> None:
+        """Fail every outstanding request with C{exc} (the client closes)."""
+        for p in list(self._pending.values()):
+            self._finish(p)
+            p.deferred.errback(exc)
+
+    # -- endings ------------------------------------------------------------
+
+    def _finish(self, p: _Pending) -> None:
+        del self._pending[p.request_id]
+        self._stop_timer(p)
+        if p.deadline is not None and p.deadline.active():
+            p.deadline.cancel()
+        p.deadline = None
+        self._release_lane(p.lane)
+
+    def _expire(self, p: _Pending) -> None:
+        p.deadline = None
+        if self._pending.get(p.request_id) is not p:
+            return
+        self._finish(p)
+        p.deferred.errback(
+            Unavailable(
+                f"no answer to {p.op.name} (request {p.request_id}) within {p.timeout:g} s; "
+                "the outcome is unknown"
+            )
+        )
+
+    def _cancel(self, request_id: int) -> None:
+        p = self._pending.get(request_id)
+        if p is not None:
+            self._finish(p)
