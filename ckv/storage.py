@@ -23,6 +23,7 @@ write transaction to stay on its thread).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Iterable
@@ -179,6 +180,16 @@ class Store:
             "commits": self.commits,
             "committed_entries": self.committed_entries,
         }
+
+    def digest(self) -> tuple[int, str]:
+        """Number of keys and a SHA-256 over every key and value, in key order."""
+        h = hashlib.sha256()
+        n = 0
+        with self._env().begin(db=self._data) as txn:
+            for k, v in txn.cursor():
+                h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
+                n += 1
+        return n, h.hexdigest()
 
     def items(self) -> Iterable[tuple[bytes, bytes]]:
         """Every key and value (a snapshot; for tests and small tools)."""

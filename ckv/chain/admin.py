@@ -27,6 +27,13 @@ def node_admin_factory(node: NodeService) -> ServerFactory:
             return f"(not found) {format_key(key)}"
         return format_key(value)
 
+    def digest(args: list[str]) -> str:
+        assert node.store is not None
+        keys, h = node.store.digest()
+        return format_kv(
+            [("keys", keys), ("sha256", h), ("committed_seq", node.replica.committed_seq)]
+        )
+
     return admin_factory(
         f"node {node.name}",
         [
@@ -41,6 +48,13 @@ def node_admin_factory(node: NodeService) -> ServerFactory:
                 get,
                 min_args=1,
                 max_args=1,
+            ),
+            AdminCommand(
+                "digest",
+                "digest",
+                "key count and a SHA-256 of every committed key and value (compare replicas)",
+                digest,
+                max_args=0,
             ),
         ],
     )
