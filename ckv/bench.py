@@ -1,0 +1,365 @@
+"""
+ckv bench: throughput and latency of a running cluster.
+
+Keeps CONCURRENCY requests in flight for DURATION seconds through the Twisted
+client (one connection, pipelined), and reports operations per second, the
+50th, 99th and 99.9th percentile latency, and how many requests failed
+(errors) or got no answer in time (unavailable).
+
+Workloads:
+  write   put to random keys among KEYS
+  read    get random keys among KEYS (preloaded with puts first; the preload
+          is reported separately)
+  mixed   a get with probability READ_RATIO, else a put (also preloaded)
+
+A progress line is printed on stderr every second; --json prints the result
+as one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DESCRIPTION = __doc__.split("\n", 2)[2] if __doc__ else ""
+
+WORKLOADS = ("write", "read", "mixed")
+
+
+# -- statistics: plain functions ------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """
+    The C{p}th percentile (0 < p <= 100) of C{sorted_values} (ascending) by
+    the nearest-rank method: the smallest value such that at least p% of the
+    values are less than or equal to it.  0.0 for an empty list.
+    """
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile {p} is not between 0 and 100")
+    n = len(sorted_values)
+    if n == 0:
+        return 0.0
+    # The epsilon absorbs float error: 99.9% of 1000 is rank 999, not 1000.
+    rank = max(1, math.ceil(p * n / 100.0 - 1e-9))
+    return float(sorted_values[min(rank, n) - 1])
+
+
+def rate(count: int, seconds: float) -> float:
+    """Events per second; 0.0 when no time has passed."""
+    return count / seconds if seconds > 0 else 0.0
+
+
+@dataclass
+class Recorder:
+    """Latencies (in seconds) of the successful operations, and failure counts."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    unavailable: int = 0
+
+    @property
+    def ops(self) -> int:
+        return len(self.latencies)
+
+    def success(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+
+    def failure(self, unavailable: bool) -> None:
+        if unavailable:
+            self.unavailable += 1
+        else:
+            self.errors += 1
+
+
+def summarize(recorder: Recorder, elapsed: float, **meta: Any) -> dict[str, Any]:
+    """The result object of a phase (what --json prints)."""
+    lat = sorted(recorder.latencies)
+    result: dict[str, Any] = dict(meta)
+    result.update(
+        ops=recorder.ops,
+        ops_per_s=round(rate(recorder.ops, elapsed), 1),
+        p50_ms=round(percentile(lat, 50) * 1000, 3),
+        p99_ms=round(percentile(lat, 99) * 1000, 3),
+        p999_ms=round(percentile(lat, 99.9) * 1000, 3),
+        max_ms=round((lat[-1] if lat else 0.0) * 1000, 3),
+        errors=recorder.errors,
+        unavailable=recorder.unavailable,
+        duration_s=round(elapsed, 3),
+    )
+    return result
+
+
+def format_result(result: dict[str, Any], label: str = "") -> str:
+    head = f"{label}: " if label else ""
+    return (
+        f"{head}{result['ops']} ops in {result['duration_s']:.2f}s = "
+        f"{result['ops_per_s']:.1f} ops/s; latency p50 {result['p50_ms']:.2f} ms, "
+        f"p99 {result['p99_ms']:.2f} ms, p99.9 {result['p999_ms']:.2f} ms, "
+        f"max {result['max_ms']:.2f} ms; errors {result['errors']}, "
+        f"unavailable {result['unavailable']}"
+    )
+
+
+def progress_line(elapsed: float, ops: int, ops_last_second: float, rec: Recorder) -> str:
+    return (
+        f"[{elapsed:5.1f}s] {ops:>9} ops  {ops_last_second:>9.0f} ops/s  "
+        f"errors {rec.errors}  unavailable {rec.unavailable}"
+    )
+
+
+def make_key(i: int) -> bytes:
+    return b"bench-%08d" % i
+
+
+# -- arguments ---------------------------------------------------------------------
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    return convert
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench flags (the caller adds --connect and --timeout)."""
+    p.add_argument("--workload", "-w", choices=WORKLOADS, default="write",
+                   help="what to measure (default: %(default)s)")
+    p.add_argument("--concurrency", type=_positive(int), default=32, metavar="N",
+                   help="requests in flight (default: %(default)s)")
+    p.add_argument("--keys", type=_positive(int), default=10000, metavar="N",
+                   help="size of the key space (default: %(default)s)")
+    p.add_argument("--value-size", type=_positive(int), default=100, metavar="BYTES",
+                   help="bytes per value (default: %(default)s)")
+    p.add_argument("--duration", type=_positive(float), default=10.0, metavar="S",
+                   help="seconds to measure (default: %(default)s)")
+    p.add_argument("--read-ratio", type=_ratio, default=0.5, metavar="R",
+                   help="fraction of gets in the mixed workload (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+
+
+# -- the run -----------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, reactor: Any, client: Any, args: argparse.Namespace) -> None:
+        self.reactor = reactor
+        self.client = client
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.value = os.urandom(args.value_size)
+        self.stopping = False
+
+    def _timed(self, d: Any) -> Any:
+        d.addTimeout(self.args.timeout, self.reactor)
+        return d
+
+    def _choose(self) -> Callable[[], Any]:
+        key = make_key(self.rng.randrange(self.args.keys))
+        workload = self.args.workload
+        read = workload == "read" or (
+            workload == "mixed" and self.rng.random() < self.args.read_ratio
+        )
+        if read:
+            return lambda: self.client.get(key)
+        return lambda: self.client.put(key, self.value)
+
+    async def _one(self, op: Callable[[], Any], rec: Recorder) -> None:
+        from twisted.internet.defer import TimeoutError as DeferTimeout
+        from twisted.internet.task import deferLater
+
+        from ckv.errors import Unavailable
+
+        start = time.perf_counter()
+        try:
+            await self._timed(op())
+        except (Unavailable, DeferTimeout, TimeoutError):
+            rec.failure(unavailable=True)
+        except Exception:
+            rec.failure(unavailable=False)
+        else:
+            rec.success(time.perf_counter() - start)
+            return
+        # Back off a little after a failure: a failure that comes back at once
+        # would otherwise spin without ever yielding to the reactor.
+        await deferLater(self.reactor, 0.01, lambda: None)
+
+    async def phase(self, rec: Recorder, next_op: Callable[[], Callable[[], Any] | None]) -> float:
+        """Run C{concurrency} workers until C{next_op} returns None; the elapsed time."""
+        from twisted.internet.defer import Deferred, gatherResults
+        from twisted.internet.task import LoopingCall
+
+        async def worker() -> None:
+            while not self.stopping:
+                op = next_op()
+                if op is None:
+                    return
+                await self._one(op, rec)
+
+        started = time.monotonic()
+        last = [started, 0]
+        tty = sys.stderr.isatty()
+
+        def progress() -> None:
+            now = time.monotonic()
+            done = rec.ops + rec.errors + rec.unavailable
+            line = progress_line(now - started, rec.ops, rate(done - last[1], now - last[0]), rec)
+            last[:] = [now, done]
+            sys.stderr.write(("\r" + line) if tty else (line + "\n"))
+            sys.stderr.flush()
+
+        ticker = LoopingCall(progress)
+        if not self.args.quiet:
+            ticker.start(1.0, now=False)
+        try:
+            workers = [Deferred.fromCoroutine(worker()) for _ in range(self.args.concurrency)]
+            await gatherResults(workers, consumeErrors=True)
+        finally:
+            if ticker.running:
+                ticker.stop()
+                if tty:
+                    sys.stderr.write("\n")
+        return time.monotonic() - started
+
+    async def preload(self) -> dict[str, Any]:
+        rec = Recorder()
+        keys = iter(range(self.args.keys))
+
+        def next_op() -> Callable[[], Any] | None:
+            i = next(keys, None)
+            if i is None:
+                return None
+            key = make_key(i)
+            return lambda: self.client.put(key, self.value)
+
+        elapsed = await self.phase(rec, next_op)
+        return summarize(rec, elapsed, phase="preload", keys=self.args.keys)
+
+    async def measure(self) -> dict[str, Any]:
+        rec = Recorder()
+        deadline = time.monotonic() + self.args.duration
+
+        def next_op() -> Callable[[], Any] | None:
+            if time.monotonic() >= deadline:
+                return None
+            return self._choose()
+
+        elapsed = await self.phase(rec, next_op)
+        args = self.args
+        meta: dict[str, Any] = {
+            "workload": args.workload,
+            "concurrency": args.concurrency,
+            "keys": args.keys,
+            "value_size": args.value_size,
+        }
+        if args.workload == "mixed":
+            meta["read_ratio"] = args.read_ratio
+        return summarize(rec, elapsed, **meta)
+
+
+async def _bench(reactor: Any, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    from ckv.client import connect
+
+    d = connect(reactor, args.connect)
+    d.addTimeout(args.timeout, reactor)
+    client = await d
+    run = _Run(reactor, client, args)
+    out["run"] = run
+    try:
+        if args.workload in ("read", "mixed"):
+            if not args.quiet:
+                print(f"preloading {args.keys} keys...", file=sys.stderr)
+            out["preload"] = await run.preload()
+            if not args.json:
+                print(format_result(out["preload"], "preload"))
+        if not run.stopping:
+            if not args.quiet:
+                print(f"running {args.workload} for {args.duration:g}s "
+                      f"with {args.concurrency} in flight...", file=sys.stderr)
+            out["result"] = await run.measure()
+    finally:
+        await _close(client)
+
+
+async def _close(client: Any) -> None:
+    for name in ("close", "disconnect", "stop"):
+        method = getattr(client, name, None)
+        if callable(method):
+            try:
+                result = method()
+                if hasattr(result, "addCallback"):
+                    await result
+            except Exception:
+                pass
+            return
+
+
+def run(args: argparse.Namespace) -> int:
+    """C{ckv bench}: runs the reactor in this thread; returns the exit status."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    out: dict[str, Any] = {}
+    failure: list[Any] = []
+
+    def start() -> None:
+        d = Deferred.fromCoroutine(_bench(reactor, args, out))
+        d.addErrback(failure.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    def interrupt(signum: int, frame: Any) -> None:
+        bench = out.get("run")
+        if bench is None or bench.stopping:
+            reactor.callFromThread(reactor.stop)
+        else:
+            # First Ctrl-C: finish the in-flight requests and report.
+            bench.stopping = True
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        reactor.callWhenRunning(start)
+        reactor.run(installSignalHandlers=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    if failure:
+        failure[0].raiseException()
+    if "result" not in out:
+        print("ckv bench: interrupted before measuring", file=sys.stderr)
+        return 130
+    result = out["result"]
+    if "preload" in out:
+        result["preload"] = out["preload"]
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(format_result(result, args.workload))
+    return 0 if result["ops"] > 0 else 1

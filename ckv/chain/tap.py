@@ -1,0 +1,115 @@
+"""
+C{twistd ckv-node}: the command line of a replica, and the service it runs.
+
+    twistd -n ckv-node --name n1 --listen tcp:7011:interface=127.0.0.1 \\
+        --master tcp:127.0.0.1:7000 --data-dir ./ckv-data/n1 \\
+        [--admin tcp:7021:interface=127.0.0.1] [--sync durable|replicated] \\
+        [--advertise HOST:PORT] [--port-file PATH]
+
+L{makeService} only builds the service: sockets and LMDB are opened in
+C{startService}, after twistd has daemonized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from ckv.portfile import (
+    check_client_endpoint,
+    check_host_port,
+    check_name,
+    check_server_endpoint,
+    normalize_server_endpoint,
+)
+
+DEFAULT_MASTER = "tcp:127.0.0.1:7000"
+
+#: --sync modes and what they mean.
+SYNC_MODES = {
+    "durable": "fsync every batch before acknowledging it (the default)",
+    "replicated": "no fsync per batch; LMDB is synced once a second and "
+    "durability relies on the other replicas",
+}
+
+
+class Options(usage.Options):
+    synopsis = "--name NAME --listen ENDPOINT --data-dir DIR [options]"
+    longdesc = (
+        "Run a ckv node: one replica of one chain, storing its data in LMDB under "
+        "--data-dir. It registers with the master under --name; a restarted node keeps "
+        "its name and data directory and rejoins at the tail. Endpoints are Twisted "
+        "endpoint strings; a bare port number N means tcp:N:interface=127.0.0.1. "
+        "Sync modes: "
+        + "; ".join(f"{mode}: {doc}" for mode, doc in SYNC_MODES.items())
+        + "."
+    )
+    optParameters = [
+        ["name", "n", None, "This node's name, unique in the cluster (required, <= 64 bytes)."],
+        ["listen", "l", None,
+         "Server endpoint for chain peers, the dispatcher and clients (required; "
+         "tcp:0:interface=127.0.0.1 picks a free port)."],
+        ["master", "m", DEFAULT_MASTER, "Client endpoint of the master."],
+        ["data-dir", "d", None, "Directory of this node's LMDB store (required)."],
+        ["admin", "a", None, "Server endpoint of the admin console (default: no console)."],
+        ["sync", "s", "durable", "Durability mode: durable or replicated."],
+        ["advertise", None, None,
+         "HOST:PORT other processes should use to reach this node (default: the "
+         "--listen interface and the port actually bound)."],
+        ["port-file", None, None,
+         'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.'],
+    ]
+
+    def postOptions(self) -> None:
+        for option in ("name", "listen", "data-dir"):
+            if self[option] is None:
+                raise usage.UsageError(f"--{option} is required")
+        error = check_name("name", self["name"])
+        if error:
+            raise usage.UsageError(error)
+        if not self["data-dir"]:
+            raise usage.UsageError("--data-dir must not be empty")
+        self["listen"] = normalize_server_endpoint(self["listen"])
+        if self["admin"] is not None:
+            self["admin"] = normalize_server_endpoint(self["admin"])
+        for option in ("listen", "admin"):
+            if self[option] is not None:
+                error = check_server_endpoint(option, self[option])
+                if error:
+                    raise usage.UsageError(error)
+        error = check_client_endpoint("master", self["master"])
+        if error:
+            raise usage.UsageError(error)
+        if self["sync"] not in SYNC_MODES:
+            raise usage.UsageError(
+                f"--sync: unknown mode {self['sync']!r}; choose one of "
+                + ", ".join(SYNC_MODES)
+            )
+        if self["advertise"] is not None:
+            error = check_host_port("advertise", self["advertise"])
+            if error:
+                raise usage.UsageError(error)
+        if self["port-file"] == "":
+            self["port-file"] = None
+
+
+def serviceKwargs(options: Options) -> dict[str, Any]:
+    """The keyword arguments of C{NodeService} for parsed C{options}."""
+    return {
+        "name": options["name"],
+        "listen": options["listen"],
+        "master": options["master"],
+        "data_dir": options["data-dir"],
+        "sync": options["sync"],
+        "admin": options["admin"],
+        "advertise": options["advertise"],
+        "port_file": options["port-file"],
+    }
+
+
+def makeService(options: Options) -> Any:
+    """Build (but do not start) the node's service."""
+    from ckv.chain.service import NodeService
+
+    return NodeService(**serviceKwargs(options))
