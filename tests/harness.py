@@ -182,12 +182,11 @@ class Cluster:
 
     def start_dispatcher(self) -> None:
         if self.dispatcher is None:
-            self.dispatcher = Process(
-                "dispatcher",
-                "dispatcher",
-                ["--listen", LOOPBACK, "--admin", LOOPBACK, "--master", self.master.endpoint],
-                self.workdir,
-            )
+            self.dispatcher = Process("dispatcher", "dispatcher", [], self.workdir)
+        # The master may have come back on another port: build the args anew.
+        self.dispatcher.args = [
+            "--listen", LOOPBACK, "--admin", LOOPBACK, "--master", self.master.endpoint,
+        ]  # fmt: skip
         self.dispatcher.start()
 
     def start(self) -> None:
