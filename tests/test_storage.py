@@ -1,0 +1,231 @@
+"""Tests for L{ckv.storage}: the LMDB store of one replica, in a temporary directory."""
+
+from __future__ import annotations
+
+import lmdb
+import pytest
+
+from ckv import wire
+from ckv.entry import Entry
+from ckv.storage import SYNC_MODES, Batch, Recovered, Store, session_key
+from ckv.wire import Op, Status
+
+CID = b"c" * wire.CLIENT_ID_LEN
+CID2 = b"d" * wire.CLIENT_ID_LEN
+
+
+def entry(seq, op=Op.PUT, key=b"k", value=b"v", client_id=CID, lane=0, request_id=None,
+          status=Status.OK) -> Entry:
+    rid = seq if request_id is None else request_id
+    return Entry(seq, client_id, lane, rid, int(op), int(status), key, value)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    s.open()
+    yield s
+    s.close()
+
+
+def reopen(s: Store) -> Store:
+    s.close()
+    again = Store(s.path, s.sync_mode)
+    again.open()
+    return again
+
+
+def test_fresh_store(store):
+    assert store.get(b"k") is None
+    assert store.session(session_key(CID, 0)) is None
+    assert store.recover() == Recovered(0, 0, wire.NO_CHAIN, [])
+    assert store.items() == []
+
+
+def test_commit_applies_put_delete_noop(store):
+    store.commit(Batch([
+        entry(1, key=b"a", value=b"1"),
+        entry(2, key=b"b", value=b"2"),
+        entry(3, key=b"a", value=b"1bis"),
+        entry(4, Op.DELETE, key=b"b", value=b""),
+        entry(5, Op.NOOP, key=b"c", value=b"", status=Status.CAS_FAILED),
+        entry(6, Op.DELETE, key=b"never", value=b""),  # deleting an absent key is harmless
+        entry(7, key=b"empty", value=b""),
+    ]))
+    assert store.get(b"a") == b"1bis"
+    assert store.get(b"b") is None
+    assert store.get(b"c") is None
+    assert store.get(b"empty") == b""
+    assert dict(store.items()) == {b"a": b"1bis", b"empty": b""}
+    assert store.recover().applied_seq == 7
+    assert isinstance(store.get(b"a"), bytes)
+
+
+def test_sessions(store):
+    store.commit(Batch([
+        entry(1, request_id=10),
+        entry(2, request_id=3, lane=1, op=Op.NOOP, status=Status.CAS_FAILED),
+        entry(3, request_id=11, status=Status.NOT_FOUND, op=Op.NOOP),
+        entry(4, client_id=wire.NO_CLIENT, request_id=99),
+        entry(5, client_id=CID2, request_id=1),
+    ]))
+    assert store.session(session_key(CID, 0)) == (11, Status.NOT_FOUND)
+    assert store.session(session_key(CID, 1)) == (3, Status.CAS_FAILED)
+    assert store.session(session_key(CID2, 0)) == (1, Status.OK)
+    assert store.session(session_key(wire.NO_CLIENT, 0)) is None
+    assert store.stats()["sessions"] == 3
+
+
+def test_session_key():
+    assert session_key(CID, 0x01020304) == CID + b"\x01\x02\x03\x04"
+    assert len(session_key(CID, 0)) == 20
+
+
+def test_keep_sent_and_prune(store):
+    store.commit(Batch([entry(i) for i in range(1, 6)], keep_sent=True))
+    assert [e.seq for e in store.recover().sent] == [1, 2, 3, 4, 5]
+    store.commit(Batch([entry(6)], keep_sent=False))  # the tail keeps nothing
+    assert [e.seq for e in store.recover().sent] == [1, 2, 3, 4, 5]
+    store.commit(Batch(prune_sent_upto=3))
+    assert [e.seq for e in store.recover().sent] == [4, 5]
+    store.commit(Batch(prune_sent_upto=3))  # idempotent
+    assert [e.seq for e in store.recover().sent] == [4, 5]
+    store.commit(Batch([entry(7), entry(8)], prune_sent_upto=4))
+    assert [e.seq for e in store.recover().sent] == [5, 7, 8]
+    store.commit(Batch(prune_sent_upto=100))  # everything
+    assert store.recover().sent == []
+    store.commit(Batch(prune_sent_upto=100))  # nothing left to prune
+    assert store.recover().sent == []
+    assert store.recover().applied_seq == 8
+
+
+def test_prune_across_byte_boundaries(store):
+    """Seqs are big-endian so that byte order is numeric order (255 < 256)."""
+    store.commit(Batch([entry(i) for i in (250, 255, 256, 257, 70000)]))
+    store.commit(Batch(prune_sent_upto=256))
+    assert [e.seq for e in store.recover().sent] == [257, 70000]
+
+
+def test_sent_entries_round_trip(store):
+    e = entry(9, Op.NOOP, key=b"\x00key", value=b"", client_id=CID2, lane=3, request_id=2**63,
+              status=Status.CAS_FAILED)
+    store.commit(Batch([e]))
+    (back,) = store.recover().sent
+    assert back == e
+
+
+def test_recover_after_reopen(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    s.open()
+    try:
+        s.commit(Batch([entry(1), entry(2)], epoch=3, chain_id=5))
+        s.commit(Batch([entry(3, key=b"x", value=b"y")], prune_sent_upto=1))
+        s.commit(Batch(epoch=4))  # meta only: the applied seq stays
+        s = reopen(s)
+        rec = s.recover()
+        assert rec.applied_seq == 3
+        assert rec.epoch == 4
+        assert rec.chain_id == 5
+        assert [e.seq for e in rec.sent] == [2, 3]
+        assert rec.sent[1] == entry(3, key=b"x", value=b"y")
+        assert s.get(b"x") == b"y"
+        assert s.session(session_key(CID, 0)) == (3, Status.OK)
+    finally:
+        s.close()
+
+
+def test_chain_id_zero_is_recorded(store):
+    store.commit(Batch(chain_id=0, epoch=1))
+    rec = store.recover()
+    assert (rec.chain_id, rec.epoch) == (0, 1)
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_sync_modes(tmp_path, sync):
+    s = Store(str(tmp_path / "db"), sync=sync)
+    s.open()
+    try:
+        s.commit(Batch([entry(1, key=b"k", value=b"v")]))
+        s.sync()
+        s = reopen(s)
+        assert s.sync_mode == sync
+        assert s.get(b"k") == b"v"
+    finally:
+        s.close()
+
+
+def test_unknown_sync_mode(tmp_path):
+    with pytest.raises(ValueError, match="unknown sync mode"):
+        Store(str(tmp_path / "db"), sync="sometimes")
+
+
+def test_closed_store(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    with pytest.raises(RuntimeError):
+        s.get(b"k")
+    s.open()
+    s.close()
+    s.close()  # twice is fine
+    with pytest.raises(RuntimeError):
+        s.commit(Batch([entry(1)]))
+
+
+def test_open_creates_directory(tmp_path):
+    path = tmp_path / "a" / "b" / "c"
+    s = Store(str(path))
+    s.open()
+    try:
+        assert path.is_dir()
+    finally:
+        s.close()
+
+
+def test_map_growth(tmp_path):
+    s = Store(str(tmp_path / "db"), map_size=64 * 1024)
+    s.open()
+    try:
+        small = s.map_size
+        assert small >= 64 * 1024
+        seq = 0
+        with pytest.raises(lmdb.MapFullError):
+            for _ in range(10_000):
+                seq += 1
+                s.commit(Batch([entry(seq, key=b"k%d" % seq, value=b"x" * 2000)]))
+        committed = seq - 1
+        assert s.stats()["keys"] == committed
+        # The failed transaction left nothing behind.
+        assert s.get(b"k%d" % seq) is None
+        assert s.recover().applied_seq == committed
+        s.grow()
+        assert s.map_size == 2 * small
+        assert s.stats()["map_size"] == 2 * small
+        s.commit(Batch([entry(seq, key=b"k%d" % seq, value=b"x" * 2000)]))
+        assert s.get(b"k%d" % seq) == b"x" * 2000
+        for i in range(1, seq + 1):
+            assert s.get(b"k%d" % i) == b"x" * 2000
+        assert [e.seq for e in s.recover().sent] == list(range(1, seq + 1))
+        s = reopen(s)
+        assert s.stats()["keys"] == seq
+        assert s.recover().applied_seq == seq
+    finally:
+        s.close()
+
+
+def test_stats(store):
+    st = store.stats()
+    assert st["keys"] == 0 and st["sessions"] == 0 and st["sent_on_disk"] == 0
+    assert st["commits"] == 0 and st["committed_entries"] == 0
+    store.commit(Batch([entry(1, key=b"a"), entry(2, key=b"b", client_id=wire.NO_CLIENT)]))
+    store.commit(Batch([entry(3, key=b"a")], keep_sent=False))
+    store.commit(Batch(prune_sent_upto=1))
+    st = store.stats()
+    assert st == {
+        "keys": 2,
+        "sessions": 1,
+        "sent_on_disk": 1,
+        "map_size": store.map_size,
+        "used_bytes": st["used_bytes"],
+        "commits": 3,
+        "committed_entries": 3,
+    }
+    assert 0 < st["used_bytes"] <= st["map_size"]
