@@ -179,7 +179,8 @@ class _Run:
         self.stopping = False
 
     def _timed(self, d: Any) -> Any:
-        d.addTimeout(self.args.timeout, self.reactor)
+        # The client times requests out itself (Unavailable); this is a guard.
+        d.addTimeout(self.args.timeout + 5.0, self.reactor)
         return d
 
     def _choose(self) -> Callable[[], Any]:
@@ -189,8 +190,8 @@ class _Run:
             workload == "mixed" and self.rng.random() < self.args.read_ratio
         )
         if read:
-            return lambda: self.client.get(key)
-        return lambda: self.client.put(key, self.value)
+            return lambda: self.client.get(key, timeout=self.args.timeout)
+        return lambda: self.client.put(key, self.value, timeout=self.args.timeout)
 
     async def _one(self, op: Callable[[], Any], rec: Recorder) -> None:
         from twisted.internet.defer import TimeoutError as DeferTimeout
@@ -258,7 +259,7 @@ class _Run:
             if i is None:
                 return None
             key = make_key(i)
-            return lambda: self.client.put(key, self.value)
+            return lambda: self.client.put(key, self.value, timeout=self.args.timeout)
 
         elapsed = await self.phase(rec, next_op)
         return summarize(rec, elapsed, phase="preload", keys=self.args.keys)
@@ -288,9 +289,7 @@ class _Run:
 async def _bench(reactor: Any, args: argparse.Namespace, out: dict[str, Any]) -> None:
     from ckv.client import connect
 
-    d = connect(reactor, args.connect)
-    d.addTimeout(args.timeout, reactor)
-    client = await d
+    client = await connect(reactor, args.connect, args.timeout)
     run = _Run(reactor, client, args)
     out["run"] = run
     try:
@@ -310,16 +309,10 @@ async def _bench(reactor: Any, args: argparse.Namespace, out: dict[str, Any]) ->
 
 
 async def _close(client: Any) -> None:
-    for name in ("close", "disconnect", "stop"):
-        method = getattr(client, name, None)
-        if callable(method):
-            try:
-                result = method()
-                if hasattr(result, "addCallback"):
-                    await result
-            except Exception:
-                pass
-            return
+    try:
+        await client.close()
+    except Exception:
+        pass
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ import binascii
 import json
 import os
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,46 +56,40 @@ class UsageError(Exception):
 
 class ReactorThread:
     """
-    The global reactor, run in a daemon thread so that blocking code (this
-    command, C{ckv local}'s supervisor loop) can call Twisted APIs with
-    L{call}.  Started on first use; L{stop} stops it.
+    Twisted calls from blocking code (this command, C{ckv local}'s supervisor
+    loop), through the reactor thread that L{ckv.client.blocking} runs and
+    shares with every L{ckv.client.BlockingClient} of the process.
     """
 
-    _thread: threading.Thread | None = None
-
-    @classmethod
-    def call(cls, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call C{f} in the reactor thread and wait for its (Deferred) result."""
+    @staticmethod
+    def call(f: Callable[..., Any], *args: Any, wait: float = 60.0, **kwargs: Any) -> Any:
+        """Call C{f} in the reactor thread and wait (at most C{wait}s) for its result."""
         from twisted.internet import reactor
-        from twisted.internet.defer import Deferred, maybeDeferred
-        from twisted.internet.threads import blockingCallFromThread
+        from twisted.internet.defer import Deferred
 
-        if cls._thread is None and not reactor.running:
-            cls._thread = threading.Thread(
-                target=reactor.run,
-                kwargs={"installSignalHandlers": False},
-                name="ckv-reactor",
-                daemon=True,
-            )
-            cls._thread.start()
+        from ckv.client.blocking import call_blocking, ensure_running
 
-        def run() -> Deferred[Any]:
+        def run() -> Any:
             result = f(*args, **kwargs)
             if hasattr(result, "__await__") and not isinstance(result, Deferred):
                 return Deferred.fromCoroutine(result)
-            return maybeDeferred(lambda: result)
+            return result
 
-        return blockingCallFromThread(reactor, run)
+        ensure_running(reactor)
+        return call_blocking(reactor, wait, run)
 
-    @classmethod
-    def stop(cls, timeout: float = 2.0) -> None:
-        if cls._thread is None:
+    @staticmethod
+    def stop(timeout: float = 2.0) -> None:
+        """Stop the reactor thread, if one was started."""
+        blocking = sys.modules.get("ckv.client.blocking")
+        if blocking is None:
             return
         from twisted.internet import reactor
 
-        reactor.callFromThread(reactor.stop)
-        cls._thread.join(timeout)
-        cls._thread = None
+        thread = blocking.reactor_thread(reactor)
+        if thread is not None and thread.is_alive():
+            reactor.callFromThread(reactor.stop)
+            thread.join(timeout)
 
 
 def fetch_config_blocking(endpoint: str, timeout: float) -> Any:
@@ -105,7 +98,7 @@ def fetch_config_blocking(endpoint: str, timeout: float) -> Any:
 
     from ckv.client import fetch_config
 
-    return ReactorThread.call(fetch_config, reactor, endpoint, timeout)
+    return ReactorThread.call(fetch_config, reactor, endpoint, timeout, wait=timeout + 5.0)
 
 
 # -- argument helpers ----------------------------------------------------------

@@ -337,7 +337,8 @@ def wait_until_serving(cluster: Cluster, master: str, dispatcher: str, timeout: 
             time.sleep(0.2)
             continue
         try:
-            ReactorThread.call(_probe, dispatcher, min(2.0, max(0.1, remaining)))
+            wait = min(2.0, max(0.1, remaining))
+            ReactorThread.call(_probe, dispatcher, wait, wait=wait + 5.0)
         except Exception as e:
             last = f"dispatcher: {e or type(e).__name__}"
             time.sleep(0.2)
@@ -351,30 +352,25 @@ async def _probe(endpoint: str, timeout: float) -> None:
 
     from ckv.client import connect
 
-    d = connect(reactor, endpoint)
-    d.addTimeout(timeout, reactor)
-    client = await d
+    client = await connect(reactor, endpoint, timeout)
     try:
-        r = client.get(b"ckv-local-ready-probe")
-        r.addTimeout(timeout, reactor)
-        await r
+        await client.get(b"ckv-local-ready-probe", timeout=timeout)
     finally:
-        for name in ("close", "disconnect", "stop"):
-            method = getattr(client, name, None)
-            if callable(method):
-                try:
-                    result = method()
-                    if hasattr(result, "addErrback"):
-                        result.addErrback(lambda _: None)
-                except Exception:
-                    pass
-                break
+        await client.close()
 
 
 def _died(child: Child) -> str:
     assert child.proc is not None
     tail = log_tail(child.logs)
-    message = f"{child.name} (pid {child.proc.pid}) exited with status {child.proc.returncode}"
+    code = child.proc.returncode
+    if code is not None and code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with status {code}"
+    message = f"{child.name} (pid {child.proc.pid}) {how}"
     return f"{message}\n{tail}" if tail else message
 
 
@@ -479,7 +475,7 @@ def validate(args: argparse.Namespace) -> Layout:
 
 def run(args: argparse.Namespace) -> int:
     layout = validate(args)
-    busy = [p for p in layout.fixed_ports() if port_in_use(p)]
+    busy = sorted(p for p in layout.fixed_ports() if port_in_use(p))
     if busy:
         print(
             f"ckv local: port(s) {', '.join(map(str, busy))} on {HOST} are already in use "
