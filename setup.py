@@ -48,7 +48,8 @@ setup(
         "lmdb>=1.4",
     ],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "ruff"],
+        # wheel: tests/test_packaging.py builds a wheel offline.
+        "test": ["pytest", "pytest-twisted", "ruff", "wheel"],
     },
     entry_points={
         "console_scripts": ["ckv=ckv.cli:main"],

@@ -193,13 +193,20 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     root = Path(__file__).resolve().parent.parent
-    if (root / "twisted" / "plugins" / "ckv_plugins.py").exists():
+    installed = root.name in ("site-packages", "dist-packages")
+    if not installed and (root / "twisted" / "plugins" / "ckv_plugins.py").exists():
         paths = [str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _preexec() -> None:  # pragma: no cover - runs in the child
+    # The parent blocks the stop signals while it forks (see Cluster.start);
+    # the child must not inherit that mask.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     # Linux: have the kernel SIGTERM the child if ckv local itself dies
     # (kill -9), so no orphan keeps the ports.
     try:
@@ -239,6 +246,11 @@ class Cluster:
     def start(self, child: Child) -> None:
         remove_port_file(str(child.port_file))
         out = open(child.out, "ab")
+        # Hold Ctrl-C / SIGTERM while forking, so that a stop request can never
+        # fall between the fork and the bookkeeping and leave an orphan.
+        linux = sys.platform.startswith("linux")
+        if linux:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             child.proc = subprocess.Popen(
                 [*self.twistd, "-n", "--pidfile=", *child.args],
@@ -249,11 +261,13 @@ class Cluster:
                 # Own session: the terminal's Ctrl-C reaches only ckv local,
                 # which stops the children in order.
                 start_new_session=True,
-                preexec_fn=_preexec if sys.platform.startswith("linux") else None,
+                preexec_fn=_preexec if linux else None,
             )
+            self.children.append(child)
         finally:
             out.close()
-        self.children.append(child)
+            if linux:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def wait_ports(self, child: Child, timeout: float) -> dict[str, Any]:
         assert child.proc is not None

@@ -465,3 +465,88 @@ def test_wait_port_file_process_died(tmp_path: Path) -> None:
     assert info.value.returncode == 3
     assert "exited with status 3" in str(info.value)
     assert "something broke" in str(info.value)
+
+
+# -- bench run loop with a fake Twisted client (no real reactor) ----------------------------
+
+
+class FakeTxClient:
+    """A Twisted-style client whose Deferreds fire at once (or fail)."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.calls: list[tuple[str, bytes]] = []
+
+    def _result(self, value: Any) -> Any:
+        from twisted.internet import defer
+
+        return defer.fail(self.fail) if self.fail is not None else defer.succeed(value)
+
+    def get(self, key: bytes, timeout: float | None = None) -> Any:
+        self.calls.append(("get", key))
+        return self._result(b"v")
+
+    def put(self, key: bytes, value: bytes, timeout: float | None = None) -> Any:
+        self.calls.append(("put", key))
+        return self._result(None)
+
+
+def bench_args(**overrides: Any) -> Any:
+    args = cli.build_parser().parse_args(["bench", "--quiet", "--seed", "1"])
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_bench_preload_writes_every_key_once() -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    client = FakeTxClient()
+    run = bench._Run(Clock(), client, bench_args(keys=50, concurrency=4))
+    d = Deferred.fromCoroutine(run.preload())
+    result = d.result
+    assert result["ops"] == 50 and result["errors"] == 0
+    assert sorted(k for _, k in client.calls) == [bench.make_key(i) for i in range(50)]
+
+
+def test_bench_mixed_ratio() -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    client = FakeTxClient()
+    run = bench._Run(Clock(), client, bench_args(workload="mixed", read_ratio=0.8,
+                                                 duration=0.05, concurrency=2))
+    result = Deferred.fromCoroutine(run.measure()).result
+    gets = sum(1 for op, _ in client.calls if op == "get")
+    assert result["ops"] == len(client.calls) > 100
+    assert 0.7 < gets / len(client.calls) < 0.9
+    assert result["workload"] == "mixed" and result["read_ratio"] == 0.8
+
+
+def test_bench_counts_failures() -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    for fail, field in [(Unavailable("slow"), "unavailable"), (CkvError("bad"), "errors")]:
+        run = bench._Run(clock, FakeTxClient(fail), bench_args(duration=0.05, concurrency=2))
+        d = Deferred.fromCoroutine(run.measure())
+        deadline = time.monotonic() + 5
+        while not d.called and time.monotonic() < deadline:
+            clock.advance(0.01)  # the back-off after each failure
+            time.sleep(0.001)
+        result = d.result
+        assert result["ops"] == 0
+        assert result[field] > 0
+
+
+def test_child_env_finds_the_source_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = local.child_env()
+    root = str(Path(local.__file__).resolve().parent.parent)
+    if (Path(root) / "twisted" / "plugins" / "ckv_plugins.py").exists() and not root.endswith(
+        "-packages"
+    ):
+        assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
+    assert env["PYTHONUNBUFFERED"] == "1"
