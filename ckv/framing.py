@@ -30,8 +30,17 @@ class FrameProtocol(Int32StringReceiver):
 
     #: The raw body of the frame being handled (for relaying it unchanged).
     current_frame = b""
+    #: Set by protocol_error: the rest of the input is ignored.
+    _failed = False
+
+    def makeConnection(self, transport: Any) -> None:
+        # Small frames, many in flight: never let Nagle hold one back.
+        set_no_delay(transport)
+        super().makeConnection(transport)
 
     def stringReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
         self.current_frame = data
         try:
             mtype, body = wire.decode(data)
@@ -65,6 +74,9 @@ class FrameProtocol(Int32StringReceiver):
 
     def protocol_error(self, code: wire.ErrorCode, message: str) -> None:
         """Tell the peer what was wrong, log it, and close the connection."""
+        if self._failed:
+            return
+        self._failed = True
         self.log.warn(
             "closing connection from {peer}: {message}", peer=self._peer(), message=message
         )
@@ -90,6 +102,16 @@ class FrameProtocol(Int32StringReceiver):
 
     def connection_lost(self, reason: Failure) -> None:
         """Override to react to a lost connection."""
+
+
+def set_no_delay(transport: Any) -> None:
+    """Disable Nagle's algorithm on a TCP transport (a no-op on others)."""
+    set_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_delay is not None:
+        try:
+            set_delay(True)
+        except OSError:
+            pass
 
 
 def _type_name(mtype: int) -> str:

@@ -536,10 +536,6 @@ def test_successor_ready_refusals():
     assert a.forward_cursor == 3
 
 
-@pytest.mark.skip(
-    reason="BUG: on_successor_ready does not notice a successor behind acked_seq when "
-    "sent is empty; the successor then holds a gap forever"
-)
 def test_successor_behind_acked_with_empty_sent_is_refused():
     h = Harness(["a", "b"])
     h.connect_all()

@@ -330,7 +330,7 @@ class Replica:
                 ours=self.committed_seq,
             )
             return []
-        if self.sent and successor_applied < self.sent[0].seq - 1:
+        if successor_applied < self.acked_seq:
             self.log.critical(
                 "successor {succ} lacks seq {first}..: it has {theirs}, already acknowledged; "
                 "it needs a state transfer",

@@ -19,6 +19,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from ckv import wire
+from ckv.framing import set_no_delay
 
 
 class LinkHandler(Protocol):
@@ -45,6 +46,7 @@ class FrameProtocol(Int32StringReceiver):
         self.closing = False
 
     def connectionMade(self) -> None:
+        set_no_delay(self.transport)
         self.link._made(self)
 
     def stringReceived(self, data: bytes) -> None:
