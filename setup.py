@@ -61,9 +61,13 @@ setup(
     ],
 )
 
-# Refresh Twisted's plugin cache so that the new dropin is picked up without a
-# write to site-packages at first use.  Harmless if it fails (for example
-# while building a wheel, when nothing is installed yet).
+# Refresh Twisted's plugin cache (plugin.rst: "regenerate the cache after
+# installing").  Best effort only: under pip's build isolation this runs
+# before anything is installed and Twisted may not even be importable.  After
+# `pip install .`, run
+#     python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+# (.ci/run does); otherwise twistd rebuilds the cache on first use, or just
+# scans the directory if site-packages is not writable.
 try:
     from twisted.plugin import IPlugin, getPlugins
 
