@@ -88,12 +88,17 @@ def test_twistd_bad_flag_is_a_usage_error() -> None:
 
 
 def _installed_for_real() -> bool:
-    try:
-        dist = importlib.metadata.distribution("ckv")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    files = [str(f) for f in (dist.files or [])]
-    return any(f.replace(os.sep, "/").endswith("twisted/plugins/ckv_plugins.py") for f in files)
+    """An installed (not in-tree, not editable) ckv distribution holding the dropin."""
+    for dist in importlib.metadata.distributions():
+        if (dist.metadata["Name"] or "").lower() != "ckv":
+            continue
+        # A build leaves ckv.egg-info in the source tree; that is not an install.
+        if Path(str(dist.locate_file(""))).resolve() == ROOT:
+            continue
+        files = [str(f).replace(os.sep, "/") for f in (dist.files or [])]
+        if any(f.endswith("twisted/plugins/ckv_plugins.py") for f in files):
+            return True
+    return False
 
 
 @pytest.mark.skipif(not _installed_for_real(),
