@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -103,6 +104,8 @@ class Store:
         self.env: lmdb.Environment | None = None
         self.commits = 0
         self.committed_entries = 0
+        self.commit_seconds = 0.0
+        self.commit_max_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -179,6 +182,8 @@ class Store:
             "used_bytes": (info["last_pgno"] + 1) * env.stat()["psize"],
             "commits": self.commits,
             "committed_entries": self.committed_entries,
+            "commit_ms_avg": round(1000 * self.commit_seconds / max(1, self.commits), 3),
+            "commit_ms_max": round(1000 * self.commit_max_seconds, 3),
         }
 
     def digest(self) -> tuple[int, str]:
@@ -207,6 +212,7 @@ class Store:
         """
         env = self._env()
         data, sessions, sent = self._data, self._sessions, self._sent
+        started = time.perf_counter()
         with env.begin(write=True) as txn:
             for e in batch.entries:
                 if e.op == wire.Op.PUT:
@@ -229,8 +235,11 @@ class Store:
                 txn.put(_EPOCH, _U64.pack(batch.epoch), db=self._meta)
             if batch.chain_id is not None:
                 txn.put(_CHAIN, _U64.pack(batch.chain_id), db=self._meta)
+        elapsed = time.perf_counter() - started
         self.commits += 1
         self.committed_entries += len(batch.entries)
+        self.commit_seconds += elapsed
+        self.commit_max_seconds = max(self.commit_max_seconds, elapsed)
 
     def _prune(self, txn: lmdb.Transaction, upto: int) -> None:
         cursor = txn.cursor(db=self._sent)

@@ -54,7 +54,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = SETTLE, what: str = 
         except Exception as e:  # a process may be between states
             last_error = e
         time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last error: {last_error})"
+    )
 
 
 class Process:
@@ -151,11 +153,16 @@ class Cluster:
             "master",
             "master",
             [
-                "--listen", LOOPBACK,
-                "--admin", LOOPBACK,
-                "--data-dir", os.path.join(workdir, "master"),
-                "--chains", str(chains),
-                "--chain-length", str(self.chain_length),
+                "--listen",
+                LOOPBACK,
+                "--admin",
+                LOOPBACK,
+                "--data-dir",
+                os.path.join(workdir, "master"),
+                "--chains",
+                str(chains),
+                "--chain-length",
+                str(self.chain_length),
                 *(master_args or []),
             ],
             workdir,
@@ -168,12 +175,18 @@ class Cluster:
 
     def _node_args(self, name: str) -> list[str]:
         return [
-            "--name", name,
-            "--listen", LOOPBACK,
-            "--admin", LOOPBACK,
-            "--master", self.master.endpoint,
-            "--data-dir", os.path.join(self.workdir, name),
-            "--sync", self.sync,
+            "--name",
+            name,
+            "--listen",
+            LOOPBACK,
+            "--admin",
+            LOOPBACK,
+            "--master",
+            self.master.endpoint,
+            "--data-dir",
+            os.path.join(self.workdir, name),
+            "--sync",
+            self.sync,
         ]
 
     def start_node(self, node: Process) -> None:

@@ -14,11 +14,11 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 
 from ckv import wire
+from ckv.portfile import wait_port_file
 from tests.harness import (
     REPO,
     Cluster,
@@ -31,7 +31,6 @@ from tests.harness import (
     send_frame,
     wait_for,
 )
-from ckv.portfile import wait_port_file
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +46,9 @@ def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
     )
 
 
-def start_workload(cluster: Cluster, out: str, count: int, concurrency: int = 16, prefix: str = "k"):
+def start_workload(
+    cluster: Cluster, out: str, count: int, concurrency: int = 16, prefix: str = "k"
+):
     assert cluster.dispatcher is not None
     return subprocess.Popen(
         [

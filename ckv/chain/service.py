@@ -196,7 +196,7 @@ class NodeService(service.MultiService):
         self.advertise = advertise
         self.port_file = port_file
         self.reactor = reactor
-        self.commit_inline = commit_inline or os.environ.get("CKV_COMMIT_INLINE") == "1"
+        self.commit_inline = commit_inline
         self.config: ClusterConfig = EMPTY
         self.client_channels: dict[bytes, NodeProtocol] = {}
         self.pred_proto: NodeProtocol | None = None
