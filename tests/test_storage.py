@@ -227,5 +227,8 @@ def test_stats(store):
         "used_bytes": st["used_bytes"],
         "commits": 3,
         "committed_entries": 3,
+        "commit_ms_avg": st["commit_ms_avg"],
+        "commit_ms_max": st["commit_ms_max"],
     }
     assert 0 < st["used_bytes"] <= st["map_size"]
+    assert 0 < st["commit_ms_avg"] <= st["commit_ms_max"]
