@@ -19,7 +19,7 @@ class Entry:
     without deciding anything again (a cas is decided once, at the head).
     """
 
-    __slots__ = ("seq", "client_id", "lane", "request_id", "op", "status", "key", "value")
+    __slots__ = ("seq", "client_id", "lane", "request_id", "op", "status", "key", "value", "raw")
 
     def __init__(
         self,
@@ -31,6 +31,7 @@ class Entry:
         status: int,
         key: bytes,
         value: bytes,
+        raw: bytes | None = None,
     ) -> None:
         self.seq = seq
         self.client_id = client_id
@@ -40,6 +41,8 @@ class Entry:
         self.status = status
         self.key = key
         self.value = value
+        #: The encoded entry, once known (received, or built once).
+        self.raw = raw
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -54,16 +57,21 @@ class Entry:
         }
 
     @classmethod
-    def from_wire(cls, c: Any) -> Entry:
-        return cls(c.seq, c.client_id, c.lane, c.request_id, c.op, c.status, c.key, c.value)
+    def from_wire(cls, c: Any, raw: bytes | None = None) -> Entry:
+        return cls(c.seq, c.client_id, c.lane, c.request_id, c.op, c.status, c.key, c.value, raw)
 
     def encode(self) -> bytes:
-        """The entry alone, in the layout of an UPDATES entry (for the sent list)."""
-        return _CompiledEntry.build(self.to_wire())
+        """
+        The entry alone, in the layout of an UPDATES entry (for the sent
+        list and for forwarding).  Built once, then reused.
+        """
+        if self.raw is None:
+            self.raw = _CompiledEntry.build(self.to_wire())
+        return self.raw
 
     @classmethod
     def decode(cls, raw: bytes) -> Entry:
-        return cls.from_wire(_CompiledEntry.parse(raw))
+        return cls.from_wire(_CompiledEntry.parse(raw), raw)
 
     @property
     def size(self) -> int:
@@ -73,7 +81,7 @@ class Entry:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Entry):
             return NotImplemented
-        return all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
+        return all(getattr(self, s) == getattr(other, s) for s in self.__slots__ if s != "raw")
 
     def __hash__(self) -> int:
         return hash((self.seq, self.key))

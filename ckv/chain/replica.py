@@ -34,6 +34,9 @@ from ckv.entry import Entry
 from ckv.storage import Batch, Recovered, session_key
 from ckv.wire import Op, Status
 
+#: Committed client sessions kept in memory (the rest are read from LMDB).
+SESSION_CACHE_SIZE = 100_000
+
 # Action kinds.
 TO_SUCCESSOR = "successor"
 TO_PREDECESSOR = "predecessor"
@@ -102,6 +105,8 @@ class Replica:
         self.committing: list[Entry] | None = None
         self._overlay: dict[bytes, tuple[int, bytes | None]] = {}
         self._session_overlay: dict[bytes, tuple[int, int, int]] = {}
+        #: Committed sessions, read-through (bounded: cleared when too big).
+        self._session_cache: dict[bytes, tuple[int, int]] = {}
         self._held: dict[int, Entry] = {}
         #: Highest seq sent on the current successor link; None: no link.
         self.forward_cursor: int | None = None
@@ -345,13 +350,20 @@ class Replica:
     def on_successor_lost(self) -> None:
         self.forward_cursor = None
 
-    def on_updates(self, epoch: int, entries: list[Any]) -> list[Action]:
-        """Updates from the predecessor, in seq order (duplicates ignored, gaps held)."""
-        for c in entries:
+    def on_updates(
+        self, epoch: int, entries: list[Any], frame: bytes | None = None
+    ) -> list[Action]:
+        """
+        Updates from the predecessor, in seq order (duplicates ignored, gaps
+        held).  C{frame}, the UPDATES frame they came in, lets the entries
+        keep their encoded bytes for the sent list and the next hop.
+        """
+        raws = wire.entry_slices(frame, entries) if frame is not None else None
+        for i, c in enumerate(entries):
             seq = c.seq
             if seq <= self.applied_seq:
                 continue
-            entry = Entry.from_wire(c)
+            entry = Entry.from_wire(c, raws[i] if raws is not None else None)
             if seq == self.applied_seq + 1:
                 self._accept(entry)
                 while self.applied_seq + 1 in self._held:
@@ -401,7 +413,19 @@ class Replica:
         hit = self._session_overlay.get(skey)
         if hit is not None:
             return hit[0], hit[1]
-        return self.store.session(skey)
+        cached = self._session_cache.get(skey)
+        if cached is not None:
+            return cached
+        found = self.store.session(skey)
+        if found is not None:
+            self._cache_session(skey, found)
+        return found
+
+    def _cache_session(self, skey: bytes, value: tuple[int, int]) -> None:
+        cache = self._session_cache
+        if len(cache) >= SESSION_CACHE_SIZE:
+            cache.clear()
+        cache[skey] = value
 
     @property
     def busy(self) -> bool:
@@ -449,6 +473,7 @@ class Replica:
                 shit = soverlay.get(skey)
                 if shit is not None and shit[2] == e.seq:
                     del soverlay[skey]
+                    self._cache_session(skey, (shit[0], shit[1]))
         if self.is_tail:
             actions = self._replies_for(entries)
             self.acked_seq = self.committed_seq
@@ -487,12 +512,12 @@ class Replica:
         first = self.sent[0].seq
         start = max(0, cursor - first + 1)
         actions = []
-        batch: list[dict[str, Any]] = []
+        batch: list[bytes] = []
         size = 0
         for i in range(start, len(self.sent)):
-            e = self.sent[i]
-            batch.append(e.to_wire())
-            size += e.size
+            raw = self.sent[i].encode()
+            batch.append(raw)
+            size += len(raw)
             if size >= wire.MAX_BATCH_BYTES:
                 actions.append(self._updates_frame(batch))
                 batch, size = [], 0
@@ -501,10 +526,8 @@ class Replica:
         self.forward_cursor = self.sent[-1].seq
         return actions
 
-    def _updates_frame(self, batch: list[dict[str, Any]]) -> Action:
-        return Action(
-            TO_SUCCESSOR, wire.encode(wire.MessageType.UPDATES, epoch=self.epoch, entries=batch)
-        )
+    def _updates_frame(self, batch: list[bytes]) -> Action:
+        return Action(TO_SUCCESSOR, wire.updates_frame(self.epoch, batch))
 
     # -- introspection -----------------------------------------------------
 

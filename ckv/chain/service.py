@@ -73,7 +73,7 @@ class NodeProtocol(FrameProtocol):
             if not self.is_predecessor:
                 self.unexpected(mtype)
                 return
-            node.replica.on_updates(body.epoch, body.entries)
+            node.replica.on_updates(body.epoch, body.entries, self.current_frame)
         elif mtype == T.CLIENT_HELLO:
             self.client_id = bytes(body.client_id)
             node.client_channels[self.client_id] = self

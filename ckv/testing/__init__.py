@@ -1,0 +1,1 @@
+"""Test support for ckv: history recording and consistency checking (no Twisted needed)."""
