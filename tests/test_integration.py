@@ -31,6 +31,9 @@ from tests.harness import (
     send_frame,
     wait_for,
 )
+from tests.harness import (
+    twistd_command as harness_twistd,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -350,3 +353,50 @@ def test_nodes_reach_the_master_late(tmp_path):
         raise
     finally:
         c.stop()
+
+
+def test_tac_files_run_each_role(tmp_path):
+    """tac/master.tac, tac/node.tac and tac/dispatcher.tac, configured by environment."""
+    work = str(tmp_path)
+
+    def run_tac(name: str, tac: str, extra: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+        port_file = os.path.join(work, f"{name}.ports")
+        e = env()
+        e.update(extra)
+        e.update({"CKV_LISTEN": "tcp:0:interface=127.0.0.1", "CKV_PORT_FILE": port_file})
+        proc = subprocess.Popen(
+            [
+                *harness_twistd(), "-n", "--pidfile=",
+                f"--logfile={os.path.join(work, name + '.log')}",
+                "-y", os.path.join(REPO, "tac", tac),
+            ],
+            cwd=work, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        return proc, wait_port_file(port_file, 30, proc)
+
+    procs = []
+    try:
+        master, mports = run_tac(
+            "master", "master.tac",
+            {"CKV_DATA_DIR": os.path.join(work, "master"), "CKV_CHAIN_LENGTH": "1"},
+        )  # fmt: skip
+        procs.append(master)
+        master_ep = f"tcp:127.0.0.1:{mports['listen']}"
+        node, _ = run_tac(
+            "n1", "node.tac",
+            {"CKV_NAME": "n1", "CKV_MASTER": master_ep, "CKV_DATA_DIR": os.path.join(work, "n1")},
+        )  # fmt: skip
+        procs.append(node)
+        disp, dports = run_tac("dispatcher", "dispatcher.tac", {"CKV_MASTER": master_ep})
+        procs.append(disp)
+        endpoint = f"tcp:127.0.0.1:{dports['listen']}"
+
+        def roundtrip():
+            r = run_module("tests.clientcheck", "roundtrip", "--connect", endpoint)
+            return r.returncode == 0
+
+        wait_for(roundtrip, what="the tac-file cluster to answer")
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(20)
