@@ -4,7 +4,7 @@ The telnet-like admin console shared by every role (node, master, dispatcher).
 Each role serves a line protocol on its admin endpoint (loopback by default).
 Connect with C{telnet 127.0.0.1 PORT} or C{nc} and type commands::
 
-    $ printf 'status\\nquit\\n' | nc 127.0.0.1 7001
+    $ printf 'status\\nquit\\n' | nc 127.0.0.1 7021
     ckv node n1 admin console; type help
     name:   n1
     ...

@@ -379,7 +379,14 @@ def _slot_ranges(config: Any, chain_id: int) -> str:
             ranges[-1][1] = s
         else:
             ranges.append([s, s])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+    if len(ranges) > 8:
+        # An interleaved map (slot s -> chain s mod N) does not fit on a line.
+        step = slots[1] - slots[0] if len(slots) > 1 else 1
+        if all(b - a == step for a, b in zip(slots, slots[1:], strict=False)):
+            return f"{len(slots)} slots ({slots[0]}, {slots[0] + step}, ... {slots[-1]})"
+        return f"{len(slots)} slots ({text[:40]}...)"
+    return text
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -422,9 +429,11 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
-def _unavailable(where: str, timeout: float | None) -> int:
+def _unavailable(where: str, timeout: float | None, update: bool = True) -> int:
     within = f" within {timeout:g}s" if timeout else ""
-    print(f"ckv: no answer from {where}{within}; the outcome is unknown", file=sys.stderr)
+    # Only an update has an outcome that may or may not have happened.
+    tail = "; the outcome is unknown" if update else ""
+    print(f"ckv: no answer from {where}{within}{tail}", file=sys.stderr)
     return EXIT_UNAVAILABLE
 
 
@@ -435,12 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     where = getattr(args, "connect", None) or getattr(args, "master", None) or "the server"
     timeout = getattr(args, "timeout", None)
+    update = args.command in ("put", "delete", "cas")
     try:
         return int(args.func(args))
     except UsageError as e:
         parser.exit(EXIT_ERROR, f"ckv: {e}\n")
     except Unavailable:
-        return _unavailable(where, timeout)
+        return _unavailable(where, timeout, update)
     except RequestError as e:
         print(f"ckv: refused: {e.message}", file=sys.stderr)
         return EXIT_ERROR
@@ -452,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:
         if _is_timeout(e):
-            return _unavailable(where, timeout)
+            return _unavailable(where, timeout, update)
         if _is_connect_error(e):
             print(f"ckv: cannot connect to {where}: {e}", file=sys.stderr)
             return EXIT_UNAVAILABLE

@@ -1,7 +1,7 @@
 """
 ckv local: a whole ckv cluster on this machine, one process per role.
 
-It starts a master, N nodes and a dispatcher as separate
+ckv local starts a master, N nodes and a dispatcher as separate
 twistd -n --pidfile= ckv-<role> ... processes, waits until the cluster
 answers, prints where everything is, and supervises: Ctrl-C or SIGTERM stops
 every process (dispatcher, then the nodes, then the master); a process that
@@ -40,7 +40,7 @@ from ckv.portfile import (
     wait_port_file,
 )
 
-DESCRIPTION = __doc__.split("\n", 2)[2] if __doc__ else ""
+DESCRIPTION = __doc__.strip().split("\n", 2)[2] if __doc__ else ""
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT = 10.0

@@ -17,8 +17,10 @@ crash leaves the store at a batch boundary.
 
 Reads run inline on the reactor thread (a read transaction plus a get is
 well under a microsecond); write transactions run wherever L{Store.commit}
-is called, which is a single dedicated thread in the node (LMDB requires a
-write transaction to stay on its thread).
+is called: a single dedicated thread in C{durable} mode, so the reactor keeps
+working during the fsync, and the reactor thread itself in C{replicated}
+mode, where a commit takes microseconds (LMDB requires a write transaction
+to stay on the thread that began it).
 """
 
 from __future__ import annotations

@@ -227,10 +227,6 @@ def test_updates_without_chain_hello(single):
     assert single.replica.applied_seq == 0
 
 
-@pytest.mark.skip(
-    reason="BUG: frames after a protocol error in the same read are still handled "
-    "(FrameProtocol.stringReceived does not check transport.disconnecting)"
-)
 def test_nothing_is_handled_after_a_protocol_error(single):
     proto, tr = connect(single)
     proto.dataReceived(framed(b"\x07garbage") + request(request_id=1, key=b"k", value=b"v"))

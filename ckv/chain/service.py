@@ -73,6 +73,17 @@ class NodeProtocol(FrameProtocol):
             if not self.is_predecessor:
                 self.unexpected(mtype)
                 return
+            if body.epoch < node.replica.epoch:
+                # Fenced: the sender has not learnt our newer configuration.
+                # It will ask the master and come back with a new hello.
+                self.protocol_error(
+                    wire.ErrorCode.STALE_EPOCH,
+                    f"updates of epoch {body.epoch}; {node.name} is at epoch "
+                    f"{node.replica.epoch}",
+                )
+                return
+            if body.epoch > node.replica.epoch:
+                node.master_link_refresh()
             node.replica.on_updates(body.epoch, body.entries, self.current_frame)
         elif mtype == T.CLIENT_HELLO:
             self.client_id = bytes(body.client_id)
@@ -255,8 +266,9 @@ class NodeService(service.MultiService):
         addr = port.getHost()
         self.listen_port = addr.port
         if self.advertise:
-            host, _, p = self.advertise.rpartition(":")
-            self.host, self.listen_port = host, int(p)
+            from ckv.portfile import split_host_port
+
+            self.host, self.listen_port = split_host_port(self.advertise)
         elif addr.host not in ("0.0.0.0", "::", ""):
             self.host = addr.host
         if self.admin:

@@ -39,7 +39,7 @@ class Options(usage.Options):
     longdesc = (
         "Run a ckv node: one replica of one chain, storing its data in LMDB under "
         "--data-dir. It registers with the master under --name; a restarted node keeps "
-        "its name and data directory and rejoins at the tail. Endpoints are Twisted "
+        "its name and data directory and takes its old place in its chain. Endpoints are Twisted "
         "endpoint strings; a bare port number N means tcp:N:interface=127.0.0.1. "
         "Sync modes: "
         + "; ".join(f"{mode}: {doc}" for mode, doc in SYNC_MODES.items())

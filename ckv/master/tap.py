@@ -39,9 +39,11 @@ _float.coerceDoc = "A number of seconds."  # type: ignore[attr-defined]
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "Run the ckv master: it knows every chain's membership, detects node failures "
-        "from missed heartbeats, reconfigures chains, grants read leases to tails and keeps "
-        "its state in LMDB under --data-dir. Endpoints are Twisted endpoint strings; a bare "
+        "Run the ckv master: it forms chains from registering nodes (a chain serves once "
+        "it has --chain-length members), tells every node, dispatcher and client the "
+        "configuration, and keeps its state in LMDB under --data-dir. Failure detection "
+        "(--heartbeat-interval, --failure-timeout) is reserved: this version does not yet "
+        "remove failed nodes. Endpoints are Twisted endpoint strings; a bare "
         "port number N means tcp:N:interface=127.0.0.1."
     )
     optParameters = [
@@ -50,9 +52,9 @@ class Options(usage.Options):
         ["admin", "a", None, "Server endpoint of the admin console (default: no console)."],
         ["chains", None, 1, "Number of chains to form.", _int],
         ["chain-length", None, 3, "Members per chain.", _int],
-        ["heartbeat-interval", None, 1.0, "Seconds between node heartbeats.", _float],
+        ["heartbeat-interval", None, 1.0, "Seconds between node heartbeats (reserved).", _float],
         ["failure-timeout", None, 5.0,
-         "Seconds without a heartbeat before a node is declared failed.", _float],
+         "Seconds without a heartbeat before a node is declared failed (reserved).", _float],
         ["port-file", None, None,
          'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.'],
     ]

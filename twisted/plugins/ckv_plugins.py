@@ -20,7 +20,7 @@ ckvNode = ServiceMaker(
 ckvMaster = ServiceMaker(
     "ckv-master",
     "ckv.master.tap",
-    "The ckv master: chain membership, failure detection, reconfiguration, leases.",
+    "The ckv master: chain membership, configuration, epochs and the slot map.",
     "ckv-master",
 )
 
