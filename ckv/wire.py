@@ -188,7 +188,7 @@ Register = Struct(
 
 Heartbeat = Struct("name" / ShortText, "epoch" / Int64ub, "applied_seq" / Int64ub)
 
-HeartbeatReply = Struct("lease_ms" / Int32ub)
+HeartbeatReply = Struct("lease_ms" / Int32ub, "interval_ms" / Int32ub)
 
 ChainHello = Struct("chain_id" / Int16ub, "epoch" / Int64ub, "name" / ShortText)
 

@@ -147,9 +147,9 @@ SAMPLES: list[tuple[str, MessageType, dict]] = [
     ("heartbeat", MessageType.HEARTBEAT, {"name": b"n1", "epoch": 0, "applied_seq": 0}),
     ("heartbeat-max", MessageType.HEARTBEAT,
      {"name": b"n" * 255, "epoch": U64_MAX, "applied_seq": U64_MAX}),
-    ("heartbeat-reply", MessageType.HEARTBEAT_REPLY, {"lease_ms": 2000}),
-    ("heartbeat-reply-edge", MessageType.HEARTBEAT_REPLY, {"lease_ms": U32_MAX}),
-    ("heartbeat-reply-zero", MessageType.HEARTBEAT_REPLY, {"lease_ms": 0}),
+    ("heartbeat-reply", MessageType.HEARTBEAT_REPLY, {"lease_ms": 2000, "interval_ms": 1000}),
+    ("heartbeat-reply-edge", MessageType.HEARTBEAT_REPLY, {"lease_ms": U32_MAX, "interval_ms": U32_MAX}),
+    ("heartbeat-reply-zero", MessageType.HEARTBEAT_REPLY, {"lease_ms": 0, "interval_ms": 0}),
     ("chain-hello", MessageType.CHAIN_HELLO, {"chain_id": 1, "epoch": 9, "name": b"n1"}),
     ("chain-hello-edge", MessageType.CHAIN_HELLO,
      {"chain_id": U16_MAX, "epoch": U64_MAX, "name": b""}),
@@ -292,7 +292,7 @@ def _expected_size(mtype, f):
     if mtype is MessageType.HEARTBEAT:
         return 1 + len(f["name"]) + 8 + 8
     if mtype is MessageType.HEARTBEAT_REPLY:
-        return 4
+        return 8
     if mtype is MessageType.CHAIN_HELLO:
         return 2 + 8 + 1 + len(f["name"])
     if mtype is MessageType.CHAIN_HELLO_REPLY:
@@ -684,7 +684,7 @@ def test_encode_rejects_out_of_range_integers():
         with pytest.raises(BUILD_ERRORS):
             wire.encode(MessageType.ACK, **fields)
     with pytest.raises(BUILD_ERRORS):
-        wire.encode(MessageType.HEARTBEAT_REPLY, lease_ms=2**32)
+        wire.encode(MessageType.HEARTBEAT_REPLY, lease_ms=2**32, interval_ms=0)
     with pytest.raises(BUILD_ERRORS):
         wire.encode(MessageType.WATCH, name=b"n" * 256)
 

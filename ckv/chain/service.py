@@ -6,6 +6,8 @@ to clients.  Everything here is plumbing; decisions live in the replica.
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from typing import Any
 
 import lmdb
@@ -78,8 +80,7 @@ class NodeProtocol(FrameProtocol):
                 # It will ask the master and come back with a new hello.
                 self.protocol_error(
                     wire.ErrorCode.STALE_EPOCH,
-                    f"updates of epoch {body.epoch}; {node.name} is at epoch "
-                    f"{node.replica.epoch}",
+                    f"updates of epoch {body.epoch}; {node.name} is at epoch {node.replica.epoch}",
                 )
                 return
             if body.epoch > node.replica.epoch:
@@ -146,7 +147,8 @@ class MasterProtocol(FrameProtocol):
 
     def connectionMade(self) -> None:
         self.node.master_proto = self
-        self.send(self.node.register_frame())
+        self.node.heartbeats_sent.clear()
+        self.node.send_register()
 
     def frameReceived(self, mtype: int, body: Container) -> None:
         if mtype == T.CONFIG:
@@ -161,6 +163,7 @@ class MasterProtocol(FrameProtocol):
     def connection_lost(self, reason: Failure) -> None:
         if self.node.master_proto is self:
             self.node.master_proto = None
+            self.node.heartbeats_sent.clear()
 
 
 class _Factory(Factory):
@@ -197,6 +200,7 @@ class NodeService(service.MultiService):
         port_file: str | None = None,
         reactor: Any = None,
         commit_inline: bool = False,
+        clock: Any = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -213,6 +217,15 @@ class NodeService(service.MultiService):
         self.port_file = port_file
         self.reactor = reactor
         self.commit_inline = commit_inline
+        #: Monotonic seconds, for the read lease.
+        self.clock = clock or time.monotonic
+        #: When each REGISTER/HEARTBEAT still unanswered was sent (the
+        #: master answers in order on one connection).
+        self.heartbeats_sent: deque[float] = deque()
+        #: The read lease: queries are answered only before this instant.
+        self.lease_until = 0.0
+        self.heartbeat_interval = 1.0
+        self._heartbeat_loop: LoopingCall | None = None
         self.config: ClusterConfig = EMPTY
         self.client_channels: dict[bytes, NodeProtocol] = {}
         self.pred_proto: NodeProtocol | None = None
@@ -237,7 +250,7 @@ class NodeService(service.MultiService):
         self.store = Store(self.data_dir, self.sync)
         self.store.open()
         recovered = self.store.recover()
-        self.replica = Replica(self.name, self.store, recovered)
+        self.replica = Replica(self.name, self.store, recovered, lease_ok=self.holds_lease)
         self.log.info(
             "node {name} opened {path}: applied seq {seq}, epoch {epoch}, {sent} unacknowledged",
             name=self.name,
@@ -297,6 +310,17 @@ class NodeService(service.MultiService):
             clock=self.reactor,
         )
         self._master_service.startService()
+        self._start_heartbeats(self.heartbeat_interval)
+
+    def _start_heartbeats(self, interval: float) -> None:
+        if self._heartbeat_loop is not None and self._heartbeat_loop.running:
+            self._heartbeat_loop.stop()
+        self.heartbeat_interval = interval
+        self._heartbeat_loop = LoopingCall(self.send_heartbeat)
+        self._heartbeat_loop.clock = self.reactor
+        self._heartbeat_loop.start(interval, now=False).addErrback(
+            lambda f: self.log.failure("heartbeat loop stopped", f)
+        )
 
     def _start_failed(self, f: Failure) -> None:
         self.log.failure("node {name} failed to start", f, name=self.name)
@@ -304,6 +328,8 @@ class NodeService(service.MultiService):
             self.reactor.stop()
 
     async def _stop(self) -> None:
+        if self._heartbeat_loop is not None and self._heartbeat_loop.running:
+            self._heartbeat_loop.stop()
         for svc in (self._master_service, self._succ_service):
             if svc is not None:
                 await svc.stopService()
@@ -383,11 +409,42 @@ class NodeService(service.MultiService):
 
     def master_link_refresh(self) -> None:
         """Ask the master for the configuration again (we may be behind)."""
+        self.send_register()
+
+    def send_register(self) -> None:
         if self.master_proto is not None:
+            self.heartbeats_sent.append(self.clock())
             self.master_proto.send(self.register_frame())
 
+    def send_heartbeat(self) -> None:
+        try:
+            if self.master_proto is None or self.replica is None:
+                return
+            self.heartbeats_sent.append(self.clock())
+            r = self.replica
+            self.master_proto.send(
+                wire.encode(
+                    T.HEARTBEAT,
+                    name=self.name.encode(),
+                    epoch=r.epoch,
+                    applied_seq=r.applied_seq,
+                )
+            )
+        except Exception:
+            self.log.failure("sending a heartbeat failed")
+
     def on_heartbeat_reply(self, body: Container) -> None:
-        """Leases arrive here (failure handling builds on it)."""
+        """The master heard us: a read lease from when that heartbeat left."""
+        if not self.heartbeats_sent:
+            return
+        sent = self.heartbeats_sent.popleft()
+        self.lease_until = max(self.lease_until, sent + body.lease_ms / 1000.0)
+        interval = body.interval_ms / 1000.0
+        if interval > 0 and interval != self.heartbeat_interval:
+            self._start_heartbeats(interval)
+
+    def holds_lease(self) -> bool:
+        return self.clock() < self.lease_until
 
     def predecessor_hello(self, proto: NodeProtocol, body: Container) -> None:
         name = bytes(body.name).decode("utf-8", "replace")
@@ -477,6 +534,7 @@ class NodeService(service.MultiService):
                 "data_dir": os.path.abspath(self.data_dir),
                 "sync": self.sync,
                 "master": "connected" if self.master_proto is not None else "disconnected",
+                "lease_remaining": f"{max(0.0, self.lease_until - self.clock()):.1f}s",
                 "predecessor_link": "up" if self.pred_proto is not None else "down",
                 "clients": len(self.client_channels),
             }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from twisted.internet.protocol import ServerFactory
@@ -34,7 +33,7 @@ def master_admin_factory(master: MasterService) -> ServerFactory:
         return format_table(rows, ["chain", "epoch", "state", "members (head -> tail)"])
 
     def nodes(args: list[str]) -> str:
-        now = time.monotonic()
+        now = master.clock()
         rows = []
         for name, m in sorted(master.state.nodes.items()):
             chain = master.state.chain_of(name)

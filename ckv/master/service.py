@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -48,13 +49,16 @@ class MasterProtocol(FrameProtocol):
             m.subscribers.add(self)
             m.register(name, host, body.port, body)
             self.send(m.config_frame())
+            # A registration counts as a heartbeat: the node learns the
+            # interval and holds a lease from when it sent the REGISTER.
+            self.send(m.heartbeat_reply())
         elif mtype == T.WATCH:
             m.subscribers.add(self)
             self.send(m.config_frame())
         elif mtype == T.HEARTBEAT:
             name = bytes(body.name).decode("utf-8", "replace")
-            m.state.last_seen[name] = time.monotonic()
-            self.send(wire.encode(T.HEARTBEAT_REPLY, lease_ms=m.lease_ms))
+            m.state.heartbeat(name, m.clock())
+            self.send(m.heartbeat_reply())
         else:
             self.unexpected(mtype)
 
@@ -92,6 +96,7 @@ class MasterService(service.MultiService):
         failure_timeout: float = 5.0,
         port_file: str | None = None,
         reactor: Any = None,
+        clock: Any = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -107,7 +112,10 @@ class MasterService(service.MultiService):
         self.failure_timeout = failure_timeout
         self.port_file = port_file
         self.reactor = reactor
+        #: Monotonic seconds, for failure detection.
+        self.clock = clock or time.monotonic
         self.state = MasterState(chains, chain_length)
+        self._detector: LoopingCall | None = None
         self.subscribers: set[MasterProtocol] = set()
         self._env: lmdb.Environment | None = None
         self._ports: list[IListeningPort] = []
@@ -117,9 +125,22 @@ class MasterService(service.MultiService):
 
     @property
     def lease_ms(self) -> int:
-        """Read lease granted to tails (see DESIGN.md, stale reads)."""
+        """
+        The read lease granted with every heartbeat reply: the failure
+        timeout less two heartbeat intervals.  A node counts it from when it
+        sent its heartbeat, and the master declares a node failed only a
+        whole failure timeout after it last heard from it, so a removed tail
+        has stopped serving reads before its successor takes over.
+        """
         return int(
             max(self.failure_timeout - 2 * self.heartbeat_interval, self.heartbeat_interval) * 1000
+        )
+
+    def heartbeat_reply(self) -> bytes:
+        return wire.encode(
+            T.HEARTBEAT_REPLY,
+            lease_ms=self.lease_ms,
+            interval_ms=int(self.heartbeat_interval * 1000),
         )
 
     def startService(self) -> None:
@@ -136,6 +157,13 @@ class MasterService(service.MultiService):
                 v=self.state.version,
                 chains=self.state.describe(),
             )
+        # Nobody is blamed for the time the master itself was away.
+        self.state.grace(self.clock())
+        self._detector = LoopingCall(self.detect_failures)
+        self._detector.clock = self.reactor
+        self._detector.start(self.heartbeat_interval, now=False).addErrback(
+            lambda f: self.log.failure("failure detector stopped", f)
+        )
         self._started = defer.ensureDeferred(self._listen())
         self._started.addErrback(self._start_failed)
 
@@ -167,6 +195,8 @@ class MasterService(service.MultiService):
             self.reactor.stop()
 
     async def _stop(self) -> None:
+        if self._detector is not None and self._detector.running:
+            self._detector.stop()
         for port in self._ports:
             await port.stopListening()
         for p in list(self.subscribers):
@@ -183,7 +213,7 @@ class MasterService(service.MultiService):
     # -- decisions ---------------------------------------------------------
 
     def register(self, name: str, host: str, port: int, body: Container) -> None:
-        if self.state.register(name, host, port):
+        if self.state.register(name, host, port, now=self.clock()):
             self.log.info(
                 "node {name} registered at {host}:{port} (applied seq {seq}); chains: {chains}",
                 name=name,
@@ -193,6 +223,25 @@ class MasterService(service.MultiService):
                 chains=self.state.describe(),
             )
             self.changed()
+
+    def detect_failures(self) -> None:
+        """Remove every chain member silent for longer than the failure timeout."""
+        try:
+            removed = []
+            for name in self.state.failed(self.clock(), self.failure_timeout):
+                if self.state.remove(name):
+                    removed.append(name)
+            if removed:
+                self.log.warn(
+                    "removed {nodes}: no heartbeat for {timeout}s; chains: {chains}",
+                    nodes=removed,
+                    timeout=self.failure_timeout,
+                    chains=self.state.describe(),
+                )
+                self.changed()
+        except Exception:
+            # Keep the loop alive: one bad round must not stop detection.
+            self.log.failure("failure detection round failed")
 
     def changed(self) -> None:
         """Persist the state, then push the new configuration to everyone."""

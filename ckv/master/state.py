@@ -84,6 +84,52 @@ class MasterState:
         self.version += 1
         return True
 
+    def heartbeat(self, name: str, now: float) -> None:
+        """A sign of life from a node."""
+        if name in self.nodes:
+            self.last_seen[name] = now
+
+    def grace(self, now: float) -> None:
+        """
+        Count every node as seen now: after a master restart nobody is
+        blamed for the time the master itself was away.
+        """
+        for name in self.nodes:
+            self.last_seen[name] = now
+
+    def failed(self, now: float, timeout: float) -> list[str]:
+        """
+        Members of serving chains not heard from within C{timeout}, to be
+        removed.  A chain none of whose members is alive is left as it is:
+        that is a whole-chain stop, and the members come back in their old
+        order (nobody is left to take over anyway).
+        """
+        out = []
+        for c in self.chains:
+            if not c.formed:
+                continue
+            silent = [n for n in c.members if now - self.last_seen.get(n, now) > timeout]
+            if len(silent) < len(c.members):
+                out.extend(silent)
+        return out
+
+    def remove(self, name: str) -> bool:
+        """
+        Take a failed node out of its chain (new epoch); it waits as a spare.
+        The last member of a chain is never removed: it holds the chain's
+        only copy, and the chain is unavailable until it is back.
+        Returns True if the configuration changed.
+        """
+        chain = self.chain_of(name)
+        if chain is None or len(chain.members) <= 1:
+            return False
+        chain.members.remove(name)
+        chain.epoch += 1
+        if name not in self.spares:
+            self.spares.append(name)
+        self.version += 1
+        return True
+
     def chain_of(self, name: str) -> ChainState | None:
         for c in self.chains:
             if name in c.members:

@@ -80,6 +80,8 @@ KINDS = ("get", "put", "delete", "cas")
 _GET, _PUT, _DELETE, _CAS = range(4)
 _CODES = {kind: code for code, kind in enumerate(KINDS)}
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+# Stands for every written value that no get returns and no cas expects.
+_UNOBSERVED = object()
 
 
 def _as_bytes(value: object, what: str, optional: bool = True) -> bytes | None:
@@ -307,6 +309,8 @@ def _apply(op: Operation, state: bytes | None) -> tuple[bytes | None, object]:
 def _reason(op: Operation, state: bytes | None) -> str:
     """Why ``op`` cannot be linearized when the key holds ``state``."""
     _, model = _apply(op, state)
+    if model == op.result or op.kind == "put":
+        return "it fits here, but no continuation after it works"
     if op.kind == "get":
         return f"the value is {state!r}, but the get returned {op.result!r}"
     if op.kind == "delete":
@@ -328,10 +332,33 @@ def _check_key(ops: list[Operation], deadline: float | None) -> _KeyOutcome:
                 note="a get returned a value that was never written",
             )
 
-    # Per-op specs for the hot loop: (code, value, expected, result, known).
-    specs = [(_CODES[op.kind], op.value, op.expected, op.result, op.known) for op in ops]
+    # Value abstraction: the model only ever compares the value with get
+    # results and cas expectations (and with None), so every written value
+    # that is none of those behaves the same: map them all to one token.
+    observed = {op.result for op in ops if op.kind == "get" and op.known}
+    observed |= {op.expected for op in ops if op.kind == "cas"}
+    observed.discard(None)
 
-    # Events: (time, 0=call/1=return, op). Calls sort before returns at equal times.
+    def abstract(value: bytes | None) -> object:
+        return value if value is None or value in observed else _UNOBSERVED
+
+    # Per-op specs for the hot loop: (code, value, expected, result, known).
+    specs = [
+        (_CODES[op.kind], abstract(op.value), op.expected, op.result, op.known) for op in ops
+    ]
+    # Known and unknown operations get bits in separate bitsets.
+    bits = [0] * n
+    n_known = n_unknown = 0
+    for i, op in enumerate(ops):
+        if op.known:
+            bits[i] = 1 << n_known
+            n_known += 1
+        else:
+            bits[i] = 1 << n_unknown
+            n_unknown += 1
+
+    # Events: (time, 0=call/1=return, op). Calls sort before returns at equal
+    # times. Unknown operations have no return event (it would be at +inf).
     events: list[tuple[float, int, int]] = []
     for i, op in enumerate(ops):
         events.append((op.call, 0, i))
@@ -353,80 +380,93 @@ def _check_key(ops: list[Operation], deadline: float | None) -> _KeyOutcome:
         entry.prev = prev
         prev = entry
 
-    remaining_known = sum(1 for op in ops if op.known)
-    bits = [1 << i for i in range(n)]
-    state: bytes | None = None
-    linearized = 0
-    cache: set[tuple[int, bytes | None]] = set()
-    order: list[int] = []
-    undo: list[tuple[_Entry, bytes | None]] = []
-    best_order: list[int] = []
-    best_state: bytes | None = None
-    best_linearized = 0
+    def step(spec: tuple, state: object) -> tuple[bool, object]:
+        code, value, expected, result, known = spec
+        if code == _GET:
+            return (not known or result == state), state
+        if code == _PUT:
+            return True, value
+        if code == _DELETE:
+            return (not known or result == (state is not None)), None
+        applies = state == expected
+        return (not known or result == applies), (value if applies else state)
 
-    def candidates() -> list[_Entry]:
+    def candidates(state: object) -> list[_Entry]:
+        """Operations that may be linearized next: those called before the
+        first pending return, known ones first. A known one that fits and
+        leaves the value unchanged (a read, a failed cas...) is forced: it
+        can always go first, so it is the only one tried."""
         known: list[_Entry] = []
         unknown: list[_Entry] = []
         entry = head.next
         while entry is not None and entry.is_call:
-            (known if entry.match is not None else unknown).append(entry)
+            if entry.match is not None:
+                ok, new_state = step(specs[entry.op], state)
+                if ok and new_state == state:
+                    return [entry]
+                known.append(entry)
+            else:
+                unknown.append(entry)
             entry = entry.next
         return known + unknown
 
-    frames: list[list] = [[candidates(), 0]]
+    remaining_known = n_known
+    state: object = None
+    lin_known = 0  # bitset of linearized known operations
+    lin_unknown = 0  # bitset of linearized unknown operations
+    # Visited configurations: (lin_known, state) -> the lin_unknown sets seen
+    # with it. Having linearized a superset of unknown operations (which are
+    # optional) is never better, so such a configuration is pruned.
+    cache: dict[tuple[int, object], list[int]] = {}
+    order: list[int] = []
+    undo: list[tuple[_Entry, object]] = []
+    best_order: list[int] = []
+
+    frames: list[list] = [[candidates(state), 0]]
     steps = 0
     while True:
         if remaining_known == 0:
-            return _KeyOutcome(ok=True, prefix=order[:], state=state)
+            return _KeyOutcome(ok=True, prefix=order[:])
         frame = frames[-1]
         cands, idx = frame
         descended = False
         while idx < len(cands):
             entry = cands[idx]
             idx += 1
-            code, value, expected, result, known = specs[entry.op]
-            # The model step, inlined.
-            if code == _GET:
-                ok = not known or result == state
-                new_state = state
-            elif code == _PUT:
-                ok = True
-                new_state = value
-            elif code == _DELETE:
-                ok = not known or result == (state is not None)
-                new_state = None
-            else:
-                applies = state == expected
-                ok = not known or result == applies
-                new_state = value if applies else state
+            spec = specs[entry.op]
+            ok, new_state = step(spec, state)
             if not ok:
                 continue
-            new_linearized = linearized | bits[entry.op]
-            cache_key = (new_linearized, new_state)
-            if cache_key in cache:
-                continue
-            cache.add(cache_key)
+            bit = bits[entry.op]
+            known = spec[4]
+            new_known = lin_known | bit if known else lin_known
+            new_unknown = lin_unknown if known else lin_unknown | bit
+            seen = cache.get((new_known, new_state))
+            if seen is None:
+                cache[(new_known, new_state)] = [new_unknown]
+            elif any(u & ~new_unknown == 0 for u in seen):
+                continue  # a configuration at least as good was explored
+            else:
+                seen.append(new_unknown)
             frame[1] = idx
             undo.append((entry, state))
             order.append(entry.op)
             state = new_state
-            linearized = new_linearized
-            if known:
-                remaining_known -= 1
+            lin_known = new_known
+            lin_unknown = new_unknown
             # Lift the call entry and its return entry out of the list.
             entry.prev.next = entry.next
             if entry.next is not None:
                 entry.next.prev = entry.prev
             match = entry.match
             if match is not None:
+                remaining_known -= 1
                 match.prev.next = match.next
                 if match.next is not None:
                     match.next.prev = match.prev
             if len(order) > len(best_order):
                 best_order = order[:]
-                best_state = state
-                best_linearized = linearized
-            frames.append([candidates(), 0])
+            frames.append([candidates(state), 0])
             descended = True
             break
         if descended:
@@ -434,32 +474,38 @@ def _check_key(ops: list[Operation], deadline: float | None) -> _KeyOutcome:
             if deadline is not None and steps & 1023 == 0 and time.monotonic() > deadline:
                 raise _Timeout
             continue
-        # Dead end: backtrack.
+        # Dead end: backtrack (relink in reverse order of the lift).
         frames.pop()
         if not undo:
             break
         entry, state = undo.pop()
         order.pop()
-        linearized &= ~bits[entry.op]
         match = entry.match
         if match is not None:
+            lin_known &= ~bits[entry.op]
             remaining_known += 1
             match.prev.next = match
             if match.next is not None:
                 match.next.prev = match
+        else:
+            lin_unknown &= ~bits[entry.op]
         entry.prev.next = entry
         if entry.next is not None:
             entry.next.prev = entry
 
-    # Not linearizable. At the deepest point every candidate failed its model
-    # step (a successful step would have gone one level deeper). The
-    # candidates there: operations not yet linearized whose call event comes
-    # before the first return event among them.
+    # Not linearizable. Report the deepest point reached: the value after
+    # that prefix, and the known operations that would have to come next
+    # (those called before the first pending return), none of which fits
+    # there or leads anywhere.
+    best_state: bytes | None = None
+    for i in best_order:
+        best_state, _ = _apply(ops[i], best_state)
+    done = set(best_order)
     position = {(kind, i): pos for pos, (_, kind, i) in enumerate(events)}
-    rest = [i for i in range(n) if not best_linearized & bits[i]]
-    first_return = min(position[(1, i)] for i in rest if ops[i].known)
+    rest = [i for i in range(n) if i not in done and ops[i].known]
+    first_return = min(position[(1, i)] for i in rest)
     unplaced = [i for i in rest if position[(0, i)] < first_return]
-    unplaced.sort(key=lambda i: (not ops[i].known, ops[i].call, i))
+    unplaced.sort(key=lambda i: (ops[i].call, i))
     reasons = [_reason(ops[i], best_state) for i in unplaced]
     return _KeyOutcome(
         ok=False, prefix=best_order, state=best_state, unplaced=unplaced, reasons=reasons,
