@@ -390,3 +390,63 @@ def test_successor_refusal_closes_the_link(tmp_path, request):
     assert head.succ_proto is None
     assert head.replica.forward_cursor is None
     assert pump.clientIO.disconnecting or pump.clientIO.disconnected
+
+
+# -- heartbeats and the read lease ----------------------------------------------------
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_tail_serves_reads_only_while_it_holds_a_lease(tmp_path, request):
+    from ckv.chain.service import MasterProtocol
+
+    reactor = MemoryReactorClock()
+    node = make_node(tmp_path, request, "n1", reactor=reactor)
+    mono = FakeMonotonic()
+    node.clock = mono
+    node.replica = Replica("n1", node.store, node.store.recover(), lease_ok=node.holds_lease)
+    node.on_config(config("n1"))
+    proto, tr = connect(node)
+    hello(proto, tr)
+
+    def query():
+        proto.dataReceived(framed(wire.request(CID_A, 0, 7, Op.GET, b"k")))
+        ((mtype, body),) = received(tr)
+        assert mtype == MessageType.REPLY
+        return body.status
+
+    assert query() == Status.UNAVAILABLE  # no lease yet
+
+    mp = MasterProtocol(node)
+    mt = StringTransport()
+    mp.makeConnection(mt)  # sends REGISTER, which counts as a heartbeat
+    assert [f[0] for f in unframe(mt.value())] == [MessageType.REGISTER]
+    mt.clear()
+    mono.now += 0.5  # the reply arrives later; the lease counts from the send
+    mp.dataReceived(framed(wire.encode(MessageType.HEARTBEAT_REPLY, lease_ms=3000,
+                                       interval_ms=500)))  # fmt: skip
+    assert node.holds_lease()
+    assert query() == Status.NOT_FOUND  # served
+    mono.now = 1000.0 + 3.0 + 0.01  # 3 s after the REGISTER left
+    assert not node.holds_lease()
+    assert query() == Status.UNAVAILABLE
+
+    # The node beats at the interval the master asked for.
+    node._start_heartbeats(node.heartbeat_interval)
+    request.addfinalizer(lambda: node._heartbeat_loop.stop())
+    reactor.advance(0.5)
+    reactor.advance(0.5)
+    beats = [f for f in unframe(mt.value()) if f[0] == MessageType.HEARTBEAT]
+    assert len(beats) == 2 and beats[0][1].name == b"n1"
+    # Their replies renew the lease, counted from each send.
+    mono.now += 1.0
+    mp.dataReceived(framed(wire.encode(MessageType.HEARTBEAT_REPLY, lease_ms=3000,
+                                       interval_ms=500)))  # fmt: skip
+    assert node.holds_lease()
+    assert query() == Status.NOT_FOUND

@@ -334,7 +334,7 @@ class NodeService(service.MultiService):
             if svc is not None:
                 await svc.stopService()
         for port in self._ports:
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
         for proto in list(self.client_channels.values()) + [self.pred_proto]:
             if proto is not None and proto.transport is not None:
                 proto.transport.loseConnection()

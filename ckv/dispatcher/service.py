@@ -227,7 +227,7 @@ class DispatcherService(service.MultiService):
             link.close()
         self.links.clear()
         for port in self._ports:
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
         for p in set(self.clients.values()) | self.watchers:
             if p.transport is not None:
                 p.transport.loseConnection()

@@ -47,8 +47,9 @@ class MasterProtocol(FrameProtocol):
                 return
             self.node_name = name
             m.subscribers.add(self)
-            m.register(name, host, body.port, body)
-            self.send(m.config_frame())
+            if not m.register(name, host, body.port, body):
+                # Nothing changed, so nothing was pushed: answer this node.
+                self.send(m.config_frame())
             # A registration counts as a heartbeat: the node learns the
             # interval and holds a lease from when it sent the REGISTER.
             self.send(m.heartbeat_reply())
@@ -198,7 +199,7 @@ class MasterService(service.MultiService):
         if self._detector is not None and self._detector.running:
             self._detector.stop()
         for port in self._ports:
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
         for p in list(self.subscribers):
             if p.transport is not None:
                 p.transport.loseConnection()
@@ -212,7 +213,8 @@ class MasterService(service.MultiService):
 
     # -- decisions ---------------------------------------------------------
 
-    def register(self, name: str, host: str, port: int, body: Container) -> None:
+    def register(self, name: str, host: str, port: int, body: Container) -> bool:
+        """Record a registration; True if the new configuration was pushed."""
         if self.state.register(name, host, port, now=self.clock()):
             self.log.info(
                 "node {name} registered at {host}:{port} (applied seq {seq}); chains: {chains}",
@@ -223,6 +225,8 @@ class MasterService(service.MultiService):
                 chains=self.state.describe(),
             )
             self.changed()
+            return True
+        return False
 
     def detect_failures(self) -> None:
         """Remove every chain member silent for longer than the failure timeout."""

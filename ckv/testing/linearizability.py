@@ -346,6 +346,17 @@ def _check_key(ops: list[Operation], deadline: float | None) -> _KeyOutcome:
     specs = [
         (_CODES[op.kind], abstract(op.value), op.expected, op.result, op.known) for op in ops
     ]
+    # Known operations that never change the value wherever they fit: a get,
+    # a delete that returned False, a cas that returned False (or that
+    # replaced a value with itself).
+    readonly = [
+        op.known and (
+            op.kind == "get"
+            or (op.kind in ("delete", "cas") and op.result is False)
+            or (op.kind == "cas" and op.expected == op.value)
+        )
+        for op in ops
+    ]
     # Known and unknown operations get bits in separate bitsets.
     bits = [0] * n
     n_known = n_unknown = 0
@@ -393,16 +404,16 @@ def _check_key(ops: list[Operation], deadline: float | None) -> _KeyOutcome:
 
     def candidates(state: object) -> list[_Entry]:
         """Operations that may be linearized next: those called before the
-        first pending return, known ones first. A known one that fits and
-        leaves the value unchanged (a read, a failed cas...) is forced: it
-        can always go first, so it is the only one tried."""
+        first pending return, known ones first. A known read-only one that
+        fits is forced: if any order works, one with it first works (it can
+        move to the front without changing what the others see), so it is
+        the only one tried."""
         known: list[_Entry] = []
         unknown: list[_Entry] = []
         entry = head.next
         while entry is not None and entry.is_call:
             if entry.match is not None:
-                ok, new_state = step(specs[entry.op], state)
-                if ok and new_state == state:
+                if readonly[entry.op] and step(specs[entry.op], state)[0]:
                     return [entry]
                 known.append(entry)
             else:

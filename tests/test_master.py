@@ -1,0 +1,216 @@
+"""
+The master's decisions (MasterState) and its service over StringTransport,
+with time driven by hand: chain formation, persistence, heartbeats, failure
+detection and the read lease.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from ckv import wire
+from ckv.config import ClusterConfig
+from ckv.master.service import MasterService
+from ckv.master.state import MasterState
+from ckv.wire import MessageType as T
+from tests.fakes import framed, unframe
+
+
+def formed(n: int = 3) -> MasterState:
+    s = MasterState(chains=1, chain_length=n)
+    for i in range(n):
+        s.register(f"n{i + 1}", "127.0.0.1", 7001 + i, now=0.0)
+    return s
+
+
+def members(state: MasterState) -> list[str]:
+    return [m.name for m in state.config().chains[0].members]
+
+
+# -- MasterState -------------------------------------------------------------------
+
+
+def test_chain_forms_in_join_order_and_serves_at_full_length():
+    s = MasterState(chains=1, chain_length=3)
+    s.register("a", "h", 1, now=0)
+    s.register("b", "h", 2, now=0)
+    assert members(s) == []  # forming: nobody serves yet
+    assert [m.name for m in s.config().spares] == ["a", "b"]
+    s.register("c", "h", 3, now=0)
+    assert members(s) == ["a", "b", "c"]
+    assert s.config().chains[0].epoch == 3
+
+
+def test_reregistration_keeps_the_place_and_bumps_the_epoch_on_a_new_address():
+    s = formed()
+    epoch = s.config().chains[0].epoch
+    assert not s.register("n2", "127.0.0.1", 7002, now=1)  # same address: nothing new
+    assert s.register("n2", "127.0.0.1", 9999, now=1)
+    cfg = s.config()
+    assert members(s) == ["n1", "n2", "n3"]
+    assert cfg.chains[0].epoch == epoch + 1
+    assert cfg.chains[0].members[1].port == 9999
+
+
+def test_a_new_node_after_formation_is_a_spare():
+    s = formed()
+    s.register("n4", "h", 4, now=0)
+    assert members(s) == ["n1", "n2", "n3"]
+    assert [m.name for m in s.config().spares] == ["n4"]
+
+
+@pytest.mark.parametrize("dead, left", [
+    ("n1", ["n2", "n3"]),  # head: its successor becomes head
+    ("n2", ["n1", "n3"]),  # middle: neighbours linked
+    ("n3", ["n1", "n2"]),  # tail: its predecessor becomes tail
+])  # fmt: skip
+def test_a_silent_member_is_removed(dead, left):
+    s = formed()
+    epoch = s.config().chains[0].epoch
+    for name in ("n1", "n2", "n3"):
+        if name != dead:
+            s.heartbeat(name, 4.0)
+    assert s.failed(4.5, timeout=5.0) == []  # not yet
+    assert s.failed(5.5, timeout=5.0) == [dead]
+    assert s.remove(dead)
+    assert members(s) == left
+    assert s.config().chains[0].epoch == epoch + 1
+    assert dead in [m.name for m in s.config().spares]
+
+
+def test_two_failures_leave_one_and_the_last_member_is_never_removed():
+    s = formed()
+    s.heartbeat("n2", 10.0)
+    assert sorted(s.failed(10.0, timeout=5.0)) == ["n1", "n3"]
+    for name in s.failed(10.0, timeout=5.0):
+        assert s.remove(name)
+    assert members(s) == ["n2"]
+    assert not s.remove("n2")
+    assert members(s) == ["n2"]
+
+
+def test_a_whole_silent_chain_is_left_alone():
+    s = formed()
+    # Every member stopped at once: wait for them, in their old order.
+    assert s.failed(100.0, timeout=5.0) == []
+    assert members(s) == ["n1", "n2", "n3"]
+
+
+def test_grace_after_a_master_restart():
+    s = formed()
+    raw = s.to_json()
+    t = MasterState.from_json(raw, chains=1, chain_length=3)
+    assert members(t) == ["n1", "n2", "n3"]
+    t.grace(50.0)
+    t.heartbeat("n1", 52.0)
+    t.heartbeat("n2", 52.0)
+    assert t.failed(54.0, timeout=5.0) == []  # n3 is within its grace period
+    assert t.failed(56.0, timeout=5.0) == ["n3"]
+
+
+def test_persistence_round_trip_keeps_epochs_and_spares():
+    s = formed()
+    s.register("n4", "h", 4, now=0)
+    s.heartbeat("n1", 6)
+    s.heartbeat("n2", 6)
+    s.heartbeat("n4", 6)
+    s.remove("n3")
+    t = MasterState.from_json(s.to_json(), chains=1, chain_length=3)
+    assert t.config() == s.config()
+
+
+# -- MasterService over StringTransport ----------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def master(tmp_path):
+    reactor = MemoryReactorClock()
+    clock = _Clock()
+    m = MasterService(
+        listen="tcp:0:interface=127.0.0.1",
+        data_dir=str(tmp_path / "master"),
+        chain_length=2,
+        heartbeat_interval=1.0,
+        failure_timeout=5.0,
+        reactor=reactor,
+        clock=clock,
+    )
+    m.startService()
+    yield m, reactor, clock
+    m.stopService()
+
+
+def connect(m: MasterService):
+    from ckv.master.service import MasterProtocol
+
+    p = MasterProtocol(m)
+    t = StringTransport()
+    p.makeConnection(t)
+    return p, t
+
+
+def register(p, name: str, port: int) -> None:
+    p.dataReceived(
+        framed(
+            wire.encode(
+                T.REGISTER, name=name.encode(), host=b"127.0.0.1", port=port,
+                chain_id=wire.NO_CHAIN, epoch=0, applied_seq=0,
+            )  # fmt: skip
+        )
+    )
+
+
+def test_register_gets_config_and_a_lease(master):
+    m, reactor, clock = master
+    p, t = connect(m)
+    register(p, "a", 7001)
+    frames = unframe(t.value())
+    assert [f[0] for f in frames] == [T.CONFIG, T.HEARTBEAT_REPLY]
+    reply = frames[1][1]
+    assert reply.interval_ms == 1000
+    assert reply.lease_ms == 3000  # failure timeout 5 s less two intervals
+    assert reply.lease_ms < 5000
+
+
+def test_a_node_that_stops_heartbeating_is_removed_and_everyone_is_told(master):
+    m, reactor, clock = master
+    a, ta = connect(m)
+    b, tb = connect(m)
+    register(a, "a", 7001)
+    register(b, "b", 7002)
+    watcher, tw = connect(m)
+    watcher.dataReceived(framed(wire.encode(T.WATCH, name=b"d")))
+    first = ClusterConfig.from_wire(unframe(tw.value())[-1][1])
+    assert [x.name for x in first.chains[0].members] == ["a", "b"]
+    tw.clear()
+    # b keeps beating, a falls silent.
+    for _ in range(6):
+        clock.now += 1.0
+        b.dataReceived(framed(wire.encode(T.HEARTBEAT, name=b"b", epoch=2, applied_seq=0)))
+        reactor.advance(1.0)
+    cfg = ClusterConfig.from_wire(unframe(tw.value())[-1][1])
+    assert [x.name for x in cfg.chains[0].members] == ["b"]
+    assert [x.name for x in cfg.spares] == ["a"]
+    # Persisted: a restarted master starts from the shrunk chain.
+    assert b'"members": ["b"]' in m.state.to_json()
+
+
+def test_the_failure_detector_survives_an_error(master, monkeypatch):
+    m, reactor, clock = master
+
+    def boom(*a):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(m.state, "failed", boom)
+    reactor.advance(1.0)
+    monkeypatch.undo()
+    assert m._detector is not None and m._detector.running
