@@ -1,0 +1,116 @@
+"""
+Failures with real processes: SIGKILL a chain member in the middle of a
+stream of writes; the master notices the missing heartbeats, removes it, the
+chain carries on shorter, and no acknowledged write is lost.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.harness import Cluster, parse_kv, wait_for
+from tests.test_integration import acked, start_workload, verify
+
+pytestmark = pytest.mark.integration
+
+#: Fast failure detection for tests: heartbeats every 0.2 s, declared failed
+#: after 1.5 s of silence (the read lease is then 1.1 s).
+FAST = ["--heartbeat-interval", "0.2", "--failure-timeout", "1.5"]
+
+
+def chain_names(c: Cluster) -> list[str]:
+    return [m.name for m in c.config().chains[0].members]
+
+
+def wait_chain(c: Cluster, names: list[str]) -> None:
+    def ready():
+        if chain_names(c) != names:
+            return False
+        epoch = str(c.config().chains[0].epoch)
+        for name in names:
+            st = parse_kv(c.node(name).admin("status"))
+            if st["epoch"] != epoch:
+                return False
+        return True
+
+    wait_for(ready, what=f"the chain to become {names}")
+
+
+def identical(c: Cluster, names: list[str]) -> None:
+    def same():
+        d = {n: parse_kv(c.node(n).admin("digest")) for n in names}
+        return len({(v["sha256"], v["committed_seq"]) for v in d.values()}) == 1
+
+    wait_for(same, what=f"{names} to hold identical data")
+
+
+@pytest.mark.parametrize("victims", [["n3"], ["n2"], ["n1"], ["n3", "n1"]])
+def test_killed_members_are_removed_and_no_acknowledged_write_is_lost(tmp_path, victims):
+    c = Cluster(str(tmp_path), master_args=FAST)
+    try:
+        c.start()
+        out = str(tmp_path / "acked")
+        w = start_workload(c, out, count=2500, concurrency=8)
+        survivors = ["n1", "n2", "n3"]
+        for i, victim in enumerate(victims):
+            wait_for(lambda i=i: len(acked(out)) >= 400 * (i + 1), what="writes to flow")
+            killed_at = time.monotonic()
+            c.node(victim).signal(signal.SIGKILL)
+            c.node(victim).popen.wait(10)
+            survivors.remove(victim)
+            wait_chain(c, survivors)
+            n_before = len(acked(out))
+            wait_for(lambda n=n_before: len(acked(out)) > n, what="writes to resume")
+            print(f"{victim}: writes resumed {time.monotonic() - killed_at:.2f}s after the kill")
+        assert w.wait(120) == 0, w.stdout.read()
+        done = acked(out)
+        assert len(done) >= 2400, "most writes complete despite the failures"
+        result = verify(c, out)
+        assert result["missing"] == [] and result["wrong"] == []
+        assert result["checked"] == len(done)
+        identical(c, survivors)
+        # The survivors know their new roles.
+        head = parse_kv(c.node(survivors[0]).admin("status"))
+        assert head["role"] in ("head", "head+tail")
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
+
+
+def test_a_paused_tail_is_removed_and_serves_no_read_when_it_wakes(tmp_path):
+    """SIGSTOP past the failure timeout, then SIGCONT: the old tail is fenced."""
+    c = Cluster(str(tmp_path), master_args=FAST)
+    try:
+        c.start()
+        tail = c.node("n3")
+        tail.signal(signal.SIGSTOP)
+        try:
+            wait_chain(c, ["n1", "n2"])
+        finally:
+            tail.signal(signal.SIGCONT)
+        # Awake again, it learns the new epoch and takes no role.
+        wait_for(
+            lambda: parse_kv(tail.admin("status"))["role"] == "none",
+            what="the old tail to learn it was removed",
+        )
+        st = parse_kv(tail.admin("status"))
+        assert st["role"] == "none"
+        # It answers no query: a direct get to it is refused.
+        from ckv import wire
+        from tests.harness import connect, recv_frame, send_frame
+
+        with connect(tail.port) as s:
+            send_frame(s, wire.request(b"c" * 16, 0, 1, wire.Op.GET, b"k"))
+            mtype, body = recv_frame(s)
+            assert mtype == wire.MessageType.REPLY
+            assert body.status == wire.Status.NOT_TAIL
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
