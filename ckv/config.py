@@ -58,6 +58,9 @@ class Chain:
     chain_id: int
     epoch: int
     members: tuple[Member, ...]
+    #: A node being added after the tail (state transfer in progress); it
+    #: serves nothing until the master makes it the tail.
+    joining: tuple[Member, ...] = ()
 
     @property
     def head(self) -> Member | None:
@@ -67,6 +70,9 @@ class Chain:
     def tail(self) -> Member | None:
         return self.members[-1] if self.members else None
 
+    def is_joining(self, name: str) -> bool:
+        return any(m.name == name for m in self.joining)
+
     def index_of(self, name: str) -> int | None:
         for i, m in enumerate(self.members):
             if m.name == name:
@@ -74,13 +80,18 @@ class Chain:
         return None
 
     def predecessor_of(self, name: str) -> Member | None:
+        if self.is_joining(name):
+            return self.tail
         i = self.index_of(name)
         return self.members[i - 1] if i else None
 
     def successor_of(self, name: str) -> Member | None:
+        """The next node down the chain (the joining node, for the tail)."""
         i = self.index_of(name)
-        if i is None or i + 1 >= len(self.members):
+        if i is None:
             return None
+        if i + 1 >= len(self.members):
+            return self.joining[0] if self.joining else None
         return self.members[i + 1]
 
     def to_wire(self) -> dict[str, Any]:
@@ -88,11 +99,17 @@ class Chain:
             "chain_id": self.chain_id,
             "epoch": self.epoch,
             "members": [m.to_wire() for m in self.members],
+            "joining": [m.to_wire() for m in self.joining],
         }
 
     @classmethod
     def from_wire(cls, c: Any) -> Chain:
-        return cls(c.chain_id, c.epoch, tuple(Member.from_wire(m) for m in c.members))
+        return cls(
+            c.chain_id,
+            c.epoch,
+            tuple(Member.from_wire(m) for m in c.members),
+            tuple(Member.from_wire(m) for m in c.joining),
+        )
 
 
 @dataclass(frozen=True)
@@ -117,8 +134,9 @@ class ClusterConfig:
         return self.chain(self.slots[slot_of(key, len(self.slots))])
 
     def chain_of_node(self, name: str) -> Chain | None:
+        """The chain C{name} belongs to, as a member or as its joining node."""
         for c in self.chains:
-            if c.index_of(name) is not None:
+            if c.index_of(name) is not None or c.is_joining(name):
                 return c
         return None
 
@@ -157,6 +175,7 @@ class ClusterConfig:
                     "members": [
                         {"name": m.name, "host": m.host, "port": m.port} for m in c.members
                     ],
+                    "joining": [m.name for m in c.joining],
                     "head": c.head.name if c.head else None,
                     "tail": c.tail.name if c.tail else None,
                     "slots": _ranges(self.slots_of(c.chain_id)),

@@ -76,10 +76,14 @@ class MessageType(enum.IntEnum):
     REGISTER = 10
     HEARTBEAT = 11
     HEARTBEAT_REPLY = 12
+    JOINED = 13
     CHAIN_HELLO = 20
     CHAIN_HELLO_REPLY = 21
     UPDATES = 22
     ACK = 23
+    SNAPSHOT = 24
+    SNAPSHOT_ACK = 25
+    FENCE = 26
 
 
 class Op(enum.IntEnum):
@@ -167,6 +171,7 @@ ChainConfig = Struct(
     "chain_id" / Int16ub,
     "epoch" / Int64ub,
     "members" / PrefixedArray(Int8ub, Member),
+    "joining" / PrefixedArray(Int8ub, Member),
 )
 
 Config = Struct(
@@ -190,7 +195,14 @@ Heartbeat = Struct("name" / ShortText, "epoch" / Int64ub, "applied_seq" / Int64u
 
 HeartbeatReply = Struct("lease_ms" / Int32ub, "interval_ms" / Int32ub)
 
-ChainHello = Struct("chain_id" / Int16ub, "epoch" / Int64ub, "name" / ShortText)
+ChainHello = Struct(
+    "chain_id" / Int16ub,
+    "epoch" / Int64ub,
+    "name" / ShortText,
+    # Everything up to here will reach the successor on this link (a new
+    # tail's read fence: see FENCE).
+    "committed_seq" / Int64ub,
+)
 
 ChainHelloReply = Struct("epoch" / Int64ub, "applied_seq" / Int64ub)
 
@@ -209,6 +221,31 @@ Updates = Struct("epoch" / Int64ub, "entries" / PrefixedArray(Int32ub, Entry))
 
 Ack = Struct("epoch" / Int64ub, "seq" / Int64ub)
 
+Joined = Struct("name" / ShortText, "chain_id" / Int16ub, "epoch" / Int64ub)
+
+# State transfer to a joining node: BEGIN (its store is wiped), DATA chunks,
+# END (the snapshot is complete at seq); each chunk is acknowledged.
+SNAPSHOT_BEGIN = 0
+SNAPSHOT_DATA = 1
+SNAPSHOT_END = 2
+#: Databases a snapshot item belongs to.
+SNAPSHOT_DB_DATA = 0
+SNAPSHOT_DB_SESSIONS = 1
+
+SnapshotItem = Struct("db" / Int8ub, "key" / Key, "value" / Blob)
+
+Snapshot = Struct(
+    "epoch" / Int64ub,
+    "phase" / Int8ub,
+    "seq" / Int64ub,
+    "chunk" / Int32ub,
+    "items" / PrefixedArray(Int32ub, SnapshotItem),
+)
+
+SnapshotAck = Struct("epoch" / Int64ub, "chunk" / Int32ub)
+
+Fence = Struct("epoch" / Int64ub, "seq" / Int64ub)
+
 #: Payload layout of every message type.
 MESSAGES: dict[int, Construct] = {
     MessageType.REQUEST.value: Request,
@@ -221,10 +258,14 @@ MESSAGES: dict[int, Construct] = {
     MessageType.REGISTER.value: Register,
     MessageType.HEARTBEAT.value: Heartbeat,
     MessageType.HEARTBEAT_REPLY.value: HeartbeatReply,
+    MessageType.JOINED.value: Joined,
     MessageType.CHAIN_HELLO.value: ChainHello,
     MessageType.CHAIN_HELLO_REPLY.value: ChainHelloReply,
     MessageType.UPDATES.value: Updates,
     MessageType.ACK.value: Ack,
+    MessageType.SNAPSHOT.value: Snapshot,
+    MessageType.SNAPSHOT_ACK.value: SnapshotAck,
+    MessageType.FENCE.value: Fence,
 }
 
 #: The whole frame body, interpreted (slow, used as the reference in tests).

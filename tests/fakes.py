@@ -287,6 +287,8 @@ class Harness:
             self.route(dst, r.on_updates(body.epoch, list(body.entries)))
         elif mtype == MessageType.ACK:
             self.route(dst, r.on_ack(body.epoch, body.seq))
+        elif mtype == MessageType.FENCE:
+            r.on_fence(body.epoch, body.seq)
         else:  # pragma: no cover
             raise AssertionError(mtype)
         return True

@@ -150,7 +150,7 @@ def test_to_frame_size():
     member_bytes = sum(1 + len(x.name) + 1 + len(x.host) + 2
                        for c in CONFIG.chains for x in c.members)
     spare_bytes = sum(1 + len(x.name.encode()) + 1 + len(x.host) + 2 for x in SPARES)
-    assert len(frame) == (2 + 8 + 2 + 2 * SLOT_COUNT + 2 + len(CONFIG.chains) * (2 + 8 + 1)
+    assert len(frame) == (2 + 8 + 2 + 2 * SLOT_COUNT + 2 + len(CONFIG.chains) * (2 + 8 + 1 + 1)
                           + member_bytes + 2 + spare_bytes)
 
 

@@ -260,7 +260,7 @@ def pair(tmp_path, request) -> tuple[NodeService, NodeService]:
 
 def chain_hello(name: str, epoch: int = 1, chain_id: int = 0) -> bytes:
     return framed(wire.encode(MessageType.CHAIN_HELLO, chain_id=chain_id, epoch=epoch,
-                              name=name.encode()))
+                              name=name.encode(), committed_seq=0))
 
 
 def test_chain_hello_from_wrong_name(pair):

@@ -86,6 +86,7 @@ def config_fields(slot_count: int, nchains: int, chain_length: int, nspares: int
             "epoch": 100 + c,
             "members": [member(f"n{c}-{i}", f"10.0.{c}.{i}", 7000 + i)
                         for i in range(chain_length)],
+            "joining": [member(f"j{c}", "10.1.0.1", 7100)] if c % 2 else [],
         }
         for c in range(nchains)
     ]
@@ -136,7 +137,8 @@ SAMPLES: list[tuple[str, MessageType, dict]] = [
     ("config-edge", MessageType.CONFIG,
      {"version": U64_MAX, "slot_count": 3, "slots": [0, wire.NO_CHAIN, U16_MAX],
       "chains": [{"chain_id": U16_MAX - 1, "epoch": U64_MAX,
-                  "members": [member("m" * 255, "h" * 255, U16_MAX)]}],
+                  "members": [member("m" * 255, "h" * 255, U16_MAX)],
+                  "joining": [member("j" * 255, "", 0)]}],
       "spares": [member("", "", 0)]}),
     ("register", MessageType.REGISTER,
      {"name": b"n1", "host": b"127.0.0.1", "port": 7001, "chain_id": 0, "epoch": 5,
@@ -148,11 +150,13 @@ SAMPLES: list[tuple[str, MessageType, dict]] = [
     ("heartbeat-max", MessageType.HEARTBEAT,
      {"name": b"n" * 255, "epoch": U64_MAX, "applied_seq": U64_MAX}),
     ("heartbeat-reply", MessageType.HEARTBEAT_REPLY, {"lease_ms": 2000, "interval_ms": 1000}),
-    ("heartbeat-reply-edge", MessageType.HEARTBEAT_REPLY, {"lease_ms": U32_MAX, "interval_ms": U32_MAX}),
+    ("heartbeat-reply-edge", MessageType.HEARTBEAT_REPLY,
+     {"lease_ms": U32_MAX, "interval_ms": U32_MAX}),
     ("heartbeat-reply-zero", MessageType.HEARTBEAT_REPLY, {"lease_ms": 0, "interval_ms": 0}),
-    ("chain-hello", MessageType.CHAIN_HELLO, {"chain_id": 1, "epoch": 9, "name": b"n1"}),
+    ("chain-hello", MessageType.CHAIN_HELLO,
+     {"chain_id": 1, "epoch": 9, "name": b"n1", "committed_seq": 5}),
     ("chain-hello-edge", MessageType.CHAIN_HELLO,
-     {"chain_id": U16_MAX, "epoch": U64_MAX, "name": b""}),
+     {"chain_id": U16_MAX, "epoch": U64_MAX, "name": b"", "committed_seq": U64_MAX}),
     ("chain-hello-reply", MessageType.CHAIN_HELLO_REPLY, {"epoch": 9, "applied_seq": 0}),
     ("chain-hello-reply-max", MessageType.CHAIN_HELLO_REPLY,
      {"epoch": U64_MAX, "applied_seq": U64_MAX}),
@@ -174,6 +178,21 @@ SAMPLES: list[tuple[str, MessageType, dict]] = [
          for i in range(1, 501)]}),
     ("ack", MessageType.ACK, {"epoch": 1, "seq": 2}),
     ("ack-edge", MessageType.ACK, {"epoch": 0, "seq": U64_MAX}),
+    ("joined", MessageType.JOINED, {"name": b"n4", "chain_id": 0, "epoch": 7}),
+    ("joined-edge", MessageType.JOINED, {"name": b"x" * 255, "chain_id": U16_MAX,
+                                        "epoch": U64_MAX}),
+    ("snapshot-begin", MessageType.SNAPSHOT,
+     {"epoch": 3, "phase": wire.SNAPSHOT_BEGIN, "seq": 99, "chunk": 0, "items": []}),
+    ("snapshot-data", MessageType.SNAPSHOT,
+     {"epoch": 3, "phase": wire.SNAPSHOT_DATA, "seq": 99, "chunk": 1, "items": [
+         {"db": wire.SNAPSHOT_DB_DATA, "key": b"k%d" % i, "value": b"v" * i} for i in range(50)
+     ] + [{"db": wire.SNAPSHOT_DB_SESSIONS, "key": CID + b"\x00\x00\x00\x01",
+           "value": b"\x00" * 9}]}),
+    ("snapshot-end", MessageType.SNAPSHOT,
+     {"epoch": U64_MAX, "phase": wire.SNAPSHOT_END, "seq": U64_MAX, "chunk": U32_MAX,
+      "items": []}),
+    ("snapshot-ack", MessageType.SNAPSHOT_ACK, {"epoch": 3, "chunk": 7}),
+    ("fence", MessageType.FENCE, {"epoch": 4, "seq": 123}),
 ]
 
 SAMPLE_IDS = [s[0] for s in SAMPLES]
@@ -209,8 +228,9 @@ def test_type_numbers_are_the_protocol():
     """The numbers are the protocol: a renumbering must be deliberate."""
     assert {m.name: m.value for m in MessageType} == {
         "REQUEST": 1, "REPLY": 2, "CLIENT_HELLO": 3, "WELCOME": 4, "ERROR": 5, "WATCH": 6,
-        "CONFIG": 7, "REGISTER": 10, "HEARTBEAT": 11, "HEARTBEAT_REPLY": 12,
+        "CONFIG": 7, "REGISTER": 10, "HEARTBEAT": 11, "HEARTBEAT_REPLY": 12, "JOINED": 13,
         "CHAIN_HELLO": 20, "CHAIN_HELLO_REPLY": 21, "UPDATES": 22, "ACK": 23,
+        "SNAPSHOT": 24, "SNAPSHOT_ACK": 25, "FENCE": 26,
     }
     assert {o.name: o.value for o in Op} == {
         "GET": 1, "PUT": 2, "DELETE": 3, "CAS": 4, "NOOP": 5}
@@ -285,6 +305,7 @@ def _expected_size(mtype, f):
     if mtype is MessageType.CONFIG:
         return (8 + 2 + 2 * f["slot_count"] + 2
                 + sum(2 + 8 + 1 + sum(_member_size(m) for m in c["members"])
+                      + 1 + sum(_member_size(m) for m in c["joining"])
                       for c in f["chains"])
                 + 2 + sum(_member_size(m) for m in f["spares"]))
     if mtype is MessageType.REGISTER:
@@ -294,13 +315,22 @@ def _expected_size(mtype, f):
     if mtype is MessageType.HEARTBEAT_REPLY:
         return 8
     if mtype is MessageType.CHAIN_HELLO:
-        return 2 + 8 + 1 + len(f["name"])
+        return 2 + 8 + 1 + len(f["name"]) + 8
     if mtype is MessageType.CHAIN_HELLO_REPLY:
         return 16
     if mtype is MessageType.UPDATES:
         return 8 + 4 + sum(8 + 16 + 4 + 8 + 1 + 1 + 2 + len(e["key"]) + 4 + len(e["value"])
                            for e in f["entries"])
     if mtype is MessageType.ACK:
+        return 16
+    if mtype is MessageType.JOINED:
+        return 1 + len(f["name"]) + 2 + 8
+    if mtype is MessageType.SNAPSHOT:
+        return 8 + 1 + 8 + 4 + 4 + sum(1 + 2 + len(i["key"]) + 4 + len(i["value"])
+                                       for i in f["items"])
+    if mtype is MessageType.SNAPSHOT_ACK:
+        return 12
+    if mtype is MessageType.FENCE:
         return 16
     raise AssertionError(mtype)
 

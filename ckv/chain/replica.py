@@ -34,6 +34,9 @@ from ckv.entry import Entry
 from ckv.storage import Batch, Recovered, session_key
 from ckv.wire import Op, Status
 
+#: read_fence value meaning "wait for the predecessor's FENCE".
+FENCE_PENDING = -1
+
 #: Committed client sessions kept in memory (the rest are read from LMDB).
 SESSION_CACHE_SIZE = 100_000
 
@@ -99,7 +102,10 @@ class Replica:
         self.chain: Chain | None = None
         self.applied_seq = rec.applied_seq
         self.committed_seq = rec.applied_seq
+        #: Highest seq known to be at the tail (a tail: its own commits).
         self.acked_seq = rec.sent[0].seq - 1 if rec.sent else rec.applied_seq
+        #: Highest seq our successor acknowledged: what `sent` is pruned by.
+        self.succ_acked = self.acked_seq
         self.sent: deque[Entry] = deque(rec.sent)
         self.pending: list[Entry] = []
         self.committing: list[Entry] | None = None
@@ -110,8 +116,14 @@ class Replica:
         self._held: dict[int, Entry] = {}
         #: Highest seq sent on the current successor link; None: no link.
         self.forward_cursor: int | None = None
-        self._prune_persisted = self.acked_seq
+        self._prune_persisted = self.succ_acked
         self._meta_dirty = False
+        #: A node made tail after joining serves no read until it holds
+        #: everything the old tail may have answered: None, no fence; an int,
+        #: wait until that seq is committed; FENCE_PENDING, wait for the
+        #: predecessor's FENCE marker.
+        self.read_fence: int | None = None
+        self._tail_since_epoch = 0
         self._lease_ok = lease_ok or (lambda: True)
         # Counters for stats.
         self.updates_decided = 0
@@ -133,7 +145,14 @@ class Replica:
         return self.is_member and self.chain.members[-1].name == self.name  # type: ignore[union-attr]
 
     @property
+    def is_joining(self) -> bool:
+        """Being added after the tail: receives a state transfer, serves nothing."""
+        return self.chain is not None and self.chain.is_joining(self.name)
+
+    @property
     def role(self) -> str:
+        if self.is_joining:
+            return "joining"
         if not self.is_member:
             return "none"
         if self.is_head and self.is_tail:
@@ -168,20 +187,54 @@ class Replica:
         if chain is not None and self.chain is not None and chain.epoch < self.chain.epoch:
             return []
         was_tail = self.is_tail
+        was_joining = self.is_joining
         self.chain = chain
         if chain is not None and (chain.epoch != self.epoch or chain.chain_id != self.chain_id):
             self.epoch = chain.epoch
             self.chain_id = chain.chain_id
             self._meta_dirty = True
         actions: list[Action] = []
-        if self.is_tail and not was_tail and self.sent:
-            # Our successor is gone: every entry in sent is now at the tail.
-            actions += self._replies_for(self.sent)
-            actions += self._ack_upstream(self.sent[-1].seq)
-            self.acked_seq = self.sent[-1].seq
-            self.sent.clear()
-            self.forward_cursor = None
+        if self.is_tail and not was_tail:
+            self._tail_since_epoch = self.epoch
+            if was_joining:
+                # Promoted: the old tail may have answered entries we lack.
+                self.read_fence = FENCE_PENDING
+            elif self.sent and self.successor is None:
+                # Our successor is gone: every entry in sent is now at the tail.
+                actions += self._replies_for(self.sent)
+                actions += self._ack_upstream(self.sent[-1].seq)
+                self.acked_seq = self.succ_acked = self.sent[-1].seq
+                self.sent.clear()
+                self.forward_cursor = None
+        elif was_tail and not self.is_tail and self.is_member:
+            # No longer the tail: tell the new tail what we may have answered.
+            actions += self._fence()
         return actions
+
+    def _fence(self) -> list[Action]:
+        """A FENCE marker after everything we committed (only once forwarded)."""
+        if self.forward_cursor is None or self.is_tail:
+            return []
+        return [
+            Action(
+                TO_SUCCESSOR,
+                wire.encode(wire.MessageType.FENCE, epoch=self.epoch, seq=self.committed_seq),
+            )
+        ]
+
+    def on_fence(self, epoch: int, seq: int) -> None:
+        """The predecessor has sent us everything up to C{seq}."""
+        if self.read_fence is not None and epoch >= self._tail_since_epoch:
+            self.read_fence = seq
+
+    def _fenced(self) -> bool:
+        fence = self.read_fence
+        if fence is None:
+            return False
+        if fence != FENCE_PENDING and self.committed_seq >= fence:
+            self.read_fence = None
+            return False
+        return True
 
     # -- client requests ---------------------------------------------------
 
@@ -265,6 +318,12 @@ class Replica:
             return [
                 self._error(req, origin, Status.UNAVAILABLE, f"{self.name} holds no read lease")
             ]
+        if self._fenced():
+            return [
+                self._error(
+                    req, origin, Status.UNAVAILABLE, f"{self.name} is catching up as the new tail"
+                )
+            ]
         bad = wire.check_request(req)
         if bad is not None:
             return [self._error(req, origin, bad[0], bad[1])]
@@ -283,7 +342,9 @@ class Replica:
 
     # -- the chain ---------------------------------------------------------
 
-    def on_chain_hello(self, chain_id: int, epoch: int, name: str) -> bytes:
+    def on_chain_hello(
+        self, chain_id: int, epoch: int, name: str, committed_seq: int | None = None
+    ) -> bytes:
         """
         A predecessor introduces itself.  Returns the CHAIN_HELLO_REPLY frame.
 
@@ -308,6 +369,9 @@ class Replica:
                 f"epoch {self.epoch}",
             )
         self._held.clear()
+        if committed_seq is not None:
+            # The predecessor resends everything up to there on this link.
+            self.on_fence(epoch, committed_seq)
         return wire.encode(
             wire.MessageType.CHAIN_HELLO_REPLY, epoch=self.epoch, applied_seq=self.applied_seq
         )
@@ -319,6 +383,7 @@ class Replica:
             chain_id=self.chain_id,
             epoch=self.epoch,
             name=self.name.encode(),
+            committed_seq=self.committed_seq,
         )
 
     def on_successor_ready(self, epoch: int, successor_applied: int) -> list[Action]:
@@ -335,16 +400,34 @@ class Replica:
                 ours=self.committed_seq,
             )
             return []
-        if successor_applied < self.acked_seq:
+        if successor_applied < self.succ_acked:
             self.log.critical(
                 "successor {succ} lacks seq {first}..: it has {theirs}, already acknowledged; "
                 "it needs a state transfer",
                 succ=self.successor,
-                first=self.acked_seq + 1,
+                first=self.succ_acked + 1,
                 theirs=successor_applied,
             )
             return []
         self.forward_cursor = successor_applied
+        return self._forward()
+
+    def on_transfer_done(self, epoch: int, snapshot_seq: int) -> list[Action]:
+        """
+        The joining successor holds our snapshot up to C{snapshot_seq}:
+        stream everything after it (kept in `sent` since it started joining).
+        """
+        if epoch != self.epoch:
+            return []
+        if self.sent and self.sent[0].seq > snapshot_seq + 1:
+            self.log.critical(
+                "cannot stream to {succ} after its snapshot at {snap}: sent starts at {first}",
+                succ=self.successor,
+                snap=snapshot_seq,
+                first=self.sent[0].seq,
+            )
+            return []
+        self.forward_cursor = snapshot_seq
         return self._forward()
 
     def on_successor_lost(self) -> None:
@@ -374,11 +457,16 @@ class Replica:
 
     def on_ack(self, epoch: int, seq: int) -> list[Action]:
         """A cumulative ack from the successor: drop acked entries, pass it on."""
-        if seq <= self.acked_seq:
+        if seq <= self.succ_acked:
             return []
         sent = self.sent
         while sent and sent[0].seq <= seq:
             sent.popleft()
+        self.succ_acked = seq
+        if self.is_tail or seq <= self.acked_seq:
+            # A tail acknowledges its own commits (this ack is from a
+            # joining node); an older ack was already passed on.
+            return []
         self.acked_seq = seq
         return self._ack_upstream(seq)
 
@@ -439,13 +527,13 @@ class Replica:
         """
         if self.committing is not None:
             return None
-        prune = self.acked_seq if self.acked_seq > self._prune_persisted else 0
+        prune = self.succ_acked if self.succ_acked > self._prune_persisted else 0
         if not self.pending and not prune and not self._meta_dirty:
             return None
         self.committing, self.pending = self.pending, []
         batch = Batch(
             entries=self.committing,
-            keep_sent=not self.is_tail,
+            keep_sent=self.successor is not None,
             prune_sent_upto=prune,
         )
         if self._meta_dirty:
@@ -474,14 +562,23 @@ class Replica:
                 if shit is not None and shit[2] == e.seq:
                     del soverlay[skey]
                     self._cache_session(skey, (shit[0], shit[1]))
+        actions: list[Action] = []
         if self.is_tail:
             actions = self._replies_for(entries)
             self.acked_seq = self.committed_seq
-            if not batch.keep_sent:
-                self._prune_persisted = self.committed_seq
-            return actions + self._ack_upstream(self.committed_seq)
-        self.sent.extend(entries)
-        return self._forward()
+            actions += self._ack_upstream(self.committed_seq)
+        if self.successor is not None:
+            # A middle node, or a tail extending the chain to a joining node.
+            self.sent.extend(entries)
+            return actions + self._forward()
+        if not self.is_tail:
+            # A joining node: acknowledge to the tail what it holds.
+            self.acked_seq = self.committed_seq
+            actions += self._ack_upstream(self.committed_seq)
+        self.succ_acked = self.committed_seq
+        if not batch.keep_sent:
+            self._prune_persisted = max(self._prune_persisted, self.committed_seq)
+        return actions
 
     def batch_failed(self, batch: Batch) -> None:
         """The commit failed (for example the map was full): retry it next."""
@@ -542,6 +639,9 @@ class Replica:
             "applied_seq": self.applied_seq,
             "committed_seq": self.committed_seq,
             "acked_seq": self.acked_seq,
+            "read_fence": "none"
+            if self.read_fence is None
+            else ("pending" if self.read_fence == FENCE_PENDING else self.read_fence),
             "sent": len(self.sent),
             "pending": len(self.pending) + len(self.committing or ()),
             "held": len(self._held),

@@ -449,7 +449,9 @@ class NodeService(service.MultiService):
     def predecessor_hello(self, proto: NodeProtocol, body: Container) -> None:
         name = bytes(body.name).decode("utf-8", "replace")
         try:
-            frame = self.replica.on_chain_hello(body.chain_id, body.epoch, name)
+            frame = self.replica.on_chain_hello(
+                body.chain_id, body.epoch, name, body.committed_seq
+            )
         except HelloRefused as e:
             if e.code == wire.ErrorCode.STALE_EPOCH and body.epoch > self.replica.epoch:
                 self.master_link_refresh()
