@@ -29,7 +29,7 @@ import hashlib
 import os
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import lmdb
@@ -187,6 +187,61 @@ class Store:
             "commit_ms_avg": round(1000 * self.commit_seconds / max(1, self.commits), 3),
             "commit_ms_max": round(1000 * self.commit_max_seconds, 3),
         }
+
+    # -- state transfer ----------------------------------------------------
+
+    def snapshot(self, chunk_bytes: int) -> tuple[int, Iterator[list[tuple[int, bytes, bytes]]]]:
+        """
+        A consistent snapshot for a joining node: the applied seq it is at,
+        and an iterator of chunks of (database, key, value) items (data
+        first, then sessions), each about C{chunk_bytes}.  One read
+        transaction is held until the iterator is exhausted or closed, so the
+        snapshot does not move while writes go on.
+        """
+        env = self._env()
+        txn = env.begin(buffers=False)
+        raw = txn.get(_APPLIED, db=self._meta)
+        seq = _U64.unpack(raw)[0] if raw else 0
+
+        def chunks() -> Iterator[list[tuple[int, bytes, bytes]]]:
+            try:
+                batch: list[tuple[int, bytes, bytes]] = []
+                size = 0
+                for code, db in ((wire.SNAPSHOT_DB_DATA, self._data),
+                                 (wire.SNAPSHOT_DB_SESSIONS, self._sessions)):  # fmt: skip
+                    for k, v in txn.cursor(db=db):
+                        batch.append((code, k, v))
+                        size += len(k) + len(v) + 8
+                        if size >= chunk_bytes:
+                            yield batch
+                            batch, size = [], 0
+                if batch:
+                    yield batch
+            finally:
+                txn.abort()
+
+        return seq, chunks()
+
+    def wipe(self) -> None:
+        """Forget everything (a joining node, before its state transfer)."""
+        with self._env().begin(write=True) as txn:
+            for db in (self._data, self._sessions, self._sent, self._meta):
+                txn.drop(db, delete=False)
+
+    def put_snapshot_items(self, items: Iterable[tuple[int, bytes, bytes]]) -> None:
+        dbs = {wire.SNAPSHOT_DB_DATA: self._data, wire.SNAPSHOT_DB_SESSIONS: self._sessions}
+        with self._env().begin(write=True) as txn:
+            for code, k, v in items:
+                txn.put(k, v, db=dbs[code])
+
+    def finish_snapshot(self, seq: int, epoch: int, chain_id: int) -> None:
+        """The snapshot is complete: this store is the source's state at C{seq}."""
+        with self._env().begin(write=True) as txn:
+            txn.put(_APPLIED, _U64.pack(seq), db=self._meta)
+            txn.put(_EPOCH, _U64.pack(epoch), db=self._meta)
+            txn.put(_CHAIN, _U64.pack(chain_id), db=self._meta)
+        if self.sync_mode != "durable":
+            self._env().sync(True)
 
     def digest(self) -> tuple[int, str]:
         """Number of keys and a SHA-256 over every key and value, in key order."""

@@ -239,7 +239,7 @@ Snapshot = Struct(
     "phase" / Int8ub,
     "seq" / Int64ub,
     "chunk" / Int32ub,
-    "items" / PrefixedArray(Int32ub, SnapshotItem),
+    "records" / PrefixedArray(Int32ub, SnapshotItem),
 )
 
 SnapshotAck = Struct("epoch" / Int64ub, "chunk" / Int32ub)

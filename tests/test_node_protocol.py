@@ -450,3 +450,25 @@ def test_the_tail_serves_reads_only_while_it_holds_a_lease(tmp_path, request):
                                        interval_ms=500)))  # fmt: skip
     assert node.holds_lease()
     assert query() == Status.NOT_FOUND
+
+
+def test_a_hello_reply_from_an_older_epoch_drops_the_link(tmp_path, request):
+    """The configuration moved while our hello was in flight: retry, don't sit idle."""
+    head = make_node(tmp_path, request, "h")
+    tail = make_node(tmp_path, request, "t")
+    c1 = config("h", "t", epoch=1, version=1)
+    tail.on_config(c1)
+    head.on_config(c1)
+    host, port, factory, _, _ = head.reactor.tcpClients[-1]
+    cproto = factory.buildProtocol(IPv4Address("TCP", host, port))
+    ctr = StringTransport()
+    cproto.makeConnection(ctr)
+    sproto, str_ = connect(tail)
+    sproto.dataReceived(ctr.value())
+    reply = str_.value()  # CHAIN_HELLO_REPLY at epoch 1, still in flight
+    c2 = config("h", "t", epoch=2, version=2)
+    head.on_config(c2)
+    tail.on_config(c2)
+    cproto.dataReceived(reply)
+    assert head.succ_proto is None
+    assert ctr.disconnecting  # the ClientService reconnects with a hello at epoch 2

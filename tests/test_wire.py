@@ -182,15 +182,15 @@ SAMPLES: list[tuple[str, MessageType, dict]] = [
     ("joined-edge", MessageType.JOINED, {"name": b"x" * 255, "chain_id": U16_MAX,
                                         "epoch": U64_MAX}),
     ("snapshot-begin", MessageType.SNAPSHOT,
-     {"epoch": 3, "phase": wire.SNAPSHOT_BEGIN, "seq": 99, "chunk": 0, "items": []}),
+     {"epoch": 3, "phase": wire.SNAPSHOT_BEGIN, "seq": 99, "chunk": 0, "records": []}),
     ("snapshot-data", MessageType.SNAPSHOT,
-     {"epoch": 3, "phase": wire.SNAPSHOT_DATA, "seq": 99, "chunk": 1, "items": [
+     {"epoch": 3, "phase": wire.SNAPSHOT_DATA, "seq": 99, "chunk": 1, "records": [
          {"db": wire.SNAPSHOT_DB_DATA, "key": b"k%d" % i, "value": b"v" * i} for i in range(50)
      ] + [{"db": wire.SNAPSHOT_DB_SESSIONS, "key": CID + b"\x00\x00\x00\x01",
            "value": b"\x00" * 9}]}),
     ("snapshot-end", MessageType.SNAPSHOT,
      {"epoch": U64_MAX, "phase": wire.SNAPSHOT_END, "seq": U64_MAX, "chunk": U32_MAX,
-      "items": []}),
+      "records": []}),
     ("snapshot-ack", MessageType.SNAPSHOT_ACK, {"epoch": 3, "chunk": 7}),
     ("fence", MessageType.FENCE, {"epoch": 4, "seq": 123}),
 ]
@@ -327,7 +327,7 @@ def _expected_size(mtype, f):
         return 1 + len(f["name"]) + 2 + 8
     if mtype is MessageType.SNAPSHOT:
         return 8 + 1 + 8 + 4 + 4 + sum(1 + 2 + len(i["key"]) + 4 + len(i["value"])
-                                       for i in f["items"])
+                                       for i in f["records"])
     if mtype is MessageType.SNAPSHOT_ACK:
         return 12
     if mtype is MessageType.FENCE:

@@ -112,7 +112,7 @@ class Replica:
         self._overlay: dict[bytes, tuple[int, bytes | None]] = {}
         self._session_overlay: dict[bytes, tuple[int, int, int]] = {}
         #: Committed sessions, read-through (bounded: cleared when too big).
-        self._session_cache: dict[bytes, tuple[int, int]] = {}
+        self._session_cache: dict[bytes, tuple[int, int, int]] = {}
         self._held: dict[int, Entry] = {}
         #: Highest seq sent on the current successor link; None: no link.
         self.forward_cursor: int | None = None
@@ -148,6 +148,11 @@ class Replica:
     def is_joining(self) -> bool:
         """Being added after the tail: receives a state transfer, serves nothing."""
         return self.chain is not None and self.chain.is_joining(self.name)
+
+    @property
+    def successor_is_joining(self) -> bool:
+        """We are the tail and extend the chain to a joining node."""
+        return self.is_tail and bool(self.chain and self.chain.joining)
 
     @property
     def role(self) -> str:
@@ -257,9 +262,9 @@ class Replica:
         skey = b""
         if req.client_id != wire.NO_CLIENT:
             skey = session_key(req.client_id, req.lane)
-            last = self._session(skey)
+            last = self._session_with_seq(skey)
             if last is not None:
-                last_rid, last_status = last
+                last_rid, last_status, last_seq = last
                 if req.request_id < last_rid:
                     return [
                         self._error(
@@ -271,8 +276,13 @@ class Replica:
                         )
                     ]
                 if req.request_id == last_rid:
-                    # A retry: re-reply the recorded result, after the original.
                     self.duplicates += 1
+                    if last_seq > self.acked_seq:
+                        # The original is still on its way to the tail,
+                        # which will answer it: one reply is enough.
+                        return []
+                    # A retry of a finished request (its reply was lost):
+                    # re-reply the recorded result, after the original.
                     self._accept_new(req, Op.NOOP, Status(last_status), b"", skey)
                     return []
         op, status, value = self._decide(req)
@@ -498,18 +508,28 @@ class Replica:
         return self.store.get(key)
 
     def _session(self, skey: bytes) -> tuple[int, int] | None:
+        found = self._session_with_seq(skey)
+        return None if found is None else (found[0], found[1])
+
+    def _session_with_seq(self, skey: bytes) -> tuple[int, int, int] | None:
+        """
+        The last request id, status and seq of a session.  The seq is 0 when
+        only the store knew it (long since at the tail, as far as we know).
+        """
         hit = self._session_overlay.get(skey)
         if hit is not None:
-            return hit[0], hit[1]
+            return hit
         cached = self._session_cache.get(skey)
         if cached is not None:
             return cached
         found = self.store.session(skey)
-        if found is not None:
-            self._cache_session(skey, found)
-        return found
+        if found is None:
+            return None
+        value = (found[0], found[1], 0)
+        self._cache_session(skey, value)
+        return value
 
-    def _cache_session(self, skey: bytes, value: tuple[int, int]) -> None:
+    def _cache_session(self, skey: bytes, value: tuple[int, int, int]) -> None:
         cache = self._session_cache
         if len(cache) >= SESSION_CACHE_SIZE:
             cache.clear()
@@ -561,7 +581,7 @@ class Replica:
                 shit = soverlay.get(skey)
                 if shit is not None and shit[2] == e.seq:
                     del soverlay[skey]
-                    self._cache_session(skey, (shit[0], shit[1]))
+                    self._cache_session(skey, shit)
         actions: list[Action] = []
         if self.is_tail:
             actions = self._replies_for(entries)

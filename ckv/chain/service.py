@@ -34,6 +34,7 @@ from ckv.chain.replica import (
     HelloRefused,
     Replica,
 )
+from ckv.chain.transfer import SnapshotSender, apply_snapshot_frame, snapshot_ack
 from ckv.config import EMPTY, ClusterConfig, Member
 from ckv.framing import FrameProtocol, error_text
 from ckv.storage import Batch, Store
@@ -86,7 +87,19 @@ class NodeProtocol(FrameProtocol):
             if body.epoch > node.replica.epoch:
                 node.master_link_refresh()
             node.replica.on_updates(body.epoch, body.entries, self.current_frame)
+        elif mtype == T.SNAPSHOT:
+            if not self.is_predecessor or not node.replica.is_joining:
+                self.unexpected(mtype)
+                return
+            node.on_snapshot_frame(self, body)
+        elif mtype == T.FENCE:
+            if not self.is_predecessor:
+                self.unexpected(mtype)
+                return
+            node.replica.on_fence(body.epoch, body.seq)
         elif mtype == T.CLIENT_HELLO:
+            if self.client_id is not None and node.client_channels.get(self.client_id) is self:
+                del node.client_channels[self.client_id]
             self.client_id = bytes(body.client_id)
             node.client_channels[self.client_id] = self
             self.send(wire.encode(T.WELCOME, name=node.name.encode(), epoch=node.replica.epoch))
@@ -111,6 +124,7 @@ class SuccessorProtocol(FrameProtocol):
     def __init__(self, node: NodeService) -> None:
         self.node = node
         self.ready = False
+        self.sender: SnapshotSender | None = None
 
     def connectionMade(self) -> None:
         self.send(self.node.replica.hello_frame())
@@ -118,9 +132,23 @@ class SuccessorProtocol(FrameProtocol):
     def frameReceived(self, mtype: int, body: Container) -> None:
         node = self.node
         if mtype == T.CHAIN_HELLO_REPLY:
+            if body.epoch != node.replica.epoch:
+                # Our configuration moved while the hello was in flight:
+                # start over with a hello at the current epoch.
+                self.transport.loseConnection()
+                return
             self.ready = True
             node.succ_proto = self
+            if node.replica.successor_is_joining:
+                node.start_transfer(self)
+                return
             node.execute(node.replica.on_successor_ready(body.epoch, body.applied_seq))
+            if node.replica.forward_cursor is None:
+                # Refused (logged by the replica): retry later on a new link
+                # rather than sit on one that carries nothing.
+                self.transport.loseConnection()
+        elif mtype == T.SNAPSHOT_ACK and self.sender is not None:
+            self.sender.on_ack(body.chunk)
         elif mtype == T.ACK and self.ready:
             node.execute(node.replica.on_ack(body.epoch, body.seq))
             node.kick()
@@ -132,6 +160,8 @@ class SuccessorProtocol(FrameProtocol):
             self.unexpected(mtype)
 
     def connection_lost(self, reason: Failure) -> None:
+        if self.sender is not None:
+            self.sender.cancel()
         if self.node.succ_proto is self:
             self.node.succ_proto = None
             self.node.replica.on_successor_lost()
@@ -226,6 +256,12 @@ class NodeService(service.MultiService):
         self.lease_until = 0.0
         self.heartbeat_interval = 1.0
         self._heartbeat_loop: LoopingCall | None = None
+        #: A state transfer is being written to our store.
+        self.receiving_snapshot = False
+        #: (chain, epoch) at which we completed a state transfer as a joiner.
+        self.joined: tuple[int, int] | None = None
+        #: The transfer in progress: its link and the last chunk taken.
+        self._transfer: tuple[NodeProtocol, int] | None = None
         self.config: ClusterConfig = EMPTY
         self.client_channels: dict[bytes, NodeProtocol] = {}
         self.pred_proto: NodeProtocol | None = None
@@ -430,6 +466,7 @@ class NodeService(service.MultiService):
                     applied_seq=r.applied_seq,
                 )
             )
+            self.send_joined()
         except Exception:
             self.log.failure("sending a heartbeat failed")
 
@@ -449,9 +486,7 @@ class NodeService(service.MultiService):
     def predecessor_hello(self, proto: NodeProtocol, body: Container) -> None:
         name = bytes(body.name).decode("utf-8", "replace")
         try:
-            frame = self.replica.on_chain_hello(
-                body.chain_id, body.epoch, name, body.committed_seq
-            )
+            frame = self.replica.on_chain_hello(body.chain_id, body.epoch, name, body.committed_seq)
         except HelloRefused as e:
             if e.code == wire.ErrorCode.STALE_EPOCH and body.epoch > self.replica.epoch:
                 self.master_link_refresh()
@@ -463,11 +498,115 @@ class NodeService(service.MultiService):
         proto.peer_name = name  # type: ignore[attr-defined]
         self.pred_proto = proto
         proto.send(frame)
+        # An ack lost with the previous link is not lost for good: tell the
+        # predecessor again how far the tail has got.
+        r = self.replica
+        held = r.committed_seq if r.successor is None else r.acked_seq
+        if held:
+            proto.send(wire.encode(T.ACK, epoch=r.epoch, seq=held))
         self.log.info(
             "predecessor {pred} linked at epoch {epoch}; we have seq {seq}",
             pred=name,
             epoch=body.epoch,
             seq=self.replica.applied_seq,
+        )
+
+    # -- state transfer ----------------------------------------------------
+
+    def start_transfer(self, proto: SuccessorProtocol) -> None:
+        """Our successor is joining: send it a snapshot, then stream after it."""
+        assert self.store is not None
+        if proto.sender is not None:
+            proto.sender.cancel()
+
+        def done(seq: int) -> None:
+            if proto is self.succ_proto:
+                self.execute(self.replica.on_transfer_done(self.replica.epoch, seq))
+
+        proto.sender = SnapshotSender(self.store, self.replica.epoch, proto.send, done)
+        self.log.info(
+            "node {name}: state transfer to joining {succ} from seq {seq}",
+            name=self.name,
+            succ=self.replica.successor,
+            seq=proto.sender.seq,
+        )
+        proto.sender.start()
+
+    def on_snapshot_frame(self, proto: NodeProtocol, body: Container) -> None:
+        """
+        A chunk of the tail's snapshot (we are joining).  Chunks must come
+        in order (BEGIN 0, DATA 1..n, END n+1) on one link; anything else
+        abandons the transfer, and the tail starts a new one on a new link.
+        """
+        assert self.store is not None
+        phase, chunk, seq = body.phase, body.chunk, body.seq
+        if phase == wire.SNAPSHOT_BEGIN:
+            # From now on nothing of ours may reach the store: it is wiped.
+            self.receiving_snapshot = True
+            self.replica.pending.clear()
+            self._transfer = (proto, 0)
+        elif self._transfer != (proto, chunk - 1):
+            self._abort_transfer(proto, f"snapshot chunk {chunk} out of order")
+            return
+        self._transfer = (proto, chunk)
+        d = self._store_call(apply_snapshot_frame, self.store, body)
+
+        def applied(end: bool) -> defer.Deferred[Any] | None:
+            if self._transfer is None or self._transfer[0] is not proto:
+                return None  # abandoned meanwhile
+            if not end:
+                proto.send(snapshot_ack(body.epoch, chunk))
+                return None
+            return self._store_call(
+                self.store.finish_snapshot,  # type: ignore[union-attr]
+                seq,
+                self.replica.epoch,
+                self.replica.chain_id,
+            ).addCallback(lambda _: self._snapshot_complete(proto, body.epoch, chunk, seq))
+
+        d.addCallback(applied)
+        d.addErrback(self._snapshot_failed, proto)
+
+    def _snapshot_complete(self, proto: NodeProtocol, epoch: int, chunk: int, seq: int) -> None:
+        assert self.store is not None
+        if self._transfer is None or self._transfer[0] is not proto:
+            return
+        self._transfer = None
+        chain = self.replica.chain
+        self.replica = Replica(
+            self.name, self.store, self.store.recover(), lease_ok=self.holds_lease
+        )
+        self.execute(self.replica.on_config(chain))
+        self.receiving_snapshot = False
+        self.joined = (self.replica.chain_id, self.replica.epoch)
+        proto.send(snapshot_ack(epoch, chunk))
+        self.log.info(
+            "node {name} holds the snapshot at seq {seq}; following the tail",
+            name=self.name,
+            seq=seq,
+        )
+        self.send_joined()
+        self.kick()
+
+    def _snapshot_failed(self, f: Failure, proto: NodeProtocol) -> None:
+        self.log.failure("applying a snapshot chunk failed", f)
+        self._abort_transfer(proto, "applying a snapshot chunk failed")
+
+    def _abort_transfer(self, proto: NodeProtocol, why: str) -> None:
+        """Give up this transfer; our store stays marked incomplete until a new one."""
+        self._transfer = None
+        self.joined = None
+        proto.protocol_error(wire.ErrorCode.REJECTED, f"state transfer abandoned: {why}")
+
+    def send_joined(self) -> None:
+        """Tell the master we caught up (again with every heartbeat until promoted)."""
+        if self.joined is None or not self.replica.is_joining or self.master_proto is None:
+            return
+        chain_id, epoch = self.joined
+        if epoch != self.replica.epoch:
+            return
+        self.master_proto.send(
+            wire.encode(T.JOINED, name=self.name.encode(), chain_id=chain_id, epoch=epoch)
         )
 
     # -- actions and commits -----------------------------------------------
@@ -493,23 +632,35 @@ class NodeService(service.MultiService):
 
     def kick(self) -> None:
         """Start committing the next batch, unless one is in flight."""
+        if self.receiving_snapshot:
+            return
         batch = self.replica.take_batch()
         if batch is None:
             return
-        assert self.store is not None
-        if self._pool is None:
-            d = defer.maybeDeferred(self.store.commit, batch)
-        else:
-            d = deferToThreadPool(self.reactor, self._pool, self.store.commit, batch)
+        replica = self.replica
+        d = self._store_call(self.store.commit, batch)  # type: ignore[union-attr]
         d.addCallbacks(
-            self._committed, self._commit_failed, callbackArgs=(batch,), errbackArgs=(batch,)
+            self._committed,
+            self._commit_failed,
+            callbackArgs=(batch, replica),
+            errbackArgs=(batch, replica),
         )
 
-    def _committed(self, _: Any, batch: Batch) -> None:
+    def _store_call(self, f: Any, *args: Any) -> defer.Deferred[Any]:
+        """Run a store write: on the writer thread (in order) or inline."""
+        if self._pool is None:
+            return defer.maybeDeferred(f, *args)
+        return deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    def _committed(self, _: Any, batch: Batch, replica: Replica) -> None:
+        if replica is not self.replica:
+            return  # superseded by a state transfer
         self.execute(self.replica.batch_committed(batch))
         self.kick()
 
-    def _commit_failed(self, f: Failure, batch: Batch) -> None:
+    def _commit_failed(self, f: Failure, batch: Batch, replica: Replica) -> None:
+        if replica is not self.replica:
+            return
         self.replica.batch_failed(batch)
         if f.check(lmdb.MapFullError):
             assert self.store is not None

@@ -41,24 +41,34 @@ class Options(usage.Options):
         "--data-dir. It registers with the master under --name; a restarted node keeps "
         "its name and data directory and takes its old place in its chain. Endpoints are Twisted "
         "endpoint strings; a bare port number N means tcp:N:interface=127.0.0.1. "
-        "Sync modes: "
-        + "; ".join(f"{mode}: {doc}" for mode, doc in SYNC_MODES.items())
-        + "."
+        "Sync modes: " + "; ".join(f"{mode}: {doc}" for mode, doc in SYNC_MODES.items()) + "."
     )
     optParameters = [
         ["name", "n", None, "This node's name, unique in the cluster (required, <= 64 bytes)."],
-        ["listen", "l", None,
-         "Server endpoint for chain peers, the dispatcher and clients (required; "
-         "tcp:0:interface=127.0.0.1 picks a free port)."],
+        [
+            "listen",
+            "l",
+            None,
+            "Server endpoint for chain peers, the dispatcher and clients (required; "
+            "tcp:0:interface=127.0.0.1 picks a free port).",
+        ],
         ["master", "m", DEFAULT_MASTER, "Client endpoint of the master."],
         ["data-dir", "d", None, "Directory of this node's LMDB store (required)."],
         ["admin", "a", None, "Server endpoint of the admin console (default: no console)."],
         ["sync", "s", "durable", "Durability mode: durable or replicated."],
-        ["advertise", None, None,
-         "HOST:PORT other processes should use to reach this node (default: the "
-         "--listen interface and the port actually bound)."],
-        ["port-file", None, None,
-         'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.'],
+        [
+            "advertise",
+            None,
+            None,
+            "HOST:PORT other processes should use to reach this node (default: the "
+            "--listen interface and the port actually bound).",
+        ],
+        [
+            "port-file",
+            None,
+            None,
+            'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.',
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -83,8 +93,7 @@ class Options(usage.Options):
             raise usage.UsageError(error)
         if self["sync"] not in SYNC_MODES:
             raise usage.UsageError(
-                f"--sync: unknown mode {self['sync']!r}; choose one of "
-                + ", ".join(SYNC_MODES)
+                f"--sync: unknown mode {self['sync']!r}; choose one of " + ", ".join(SYNC_MODES)
             )
         if self["advertise"] is not None:
             error = check_host_port("advertise", self["advertise"])

@@ -27,7 +27,13 @@ def master_admin_factory(master: MasterService) -> ServerFactory:
 
     def chains(args: list[str]) -> str:
         rows = [
-            [str(c["id"]), str(c["epoch"]), c["state"], " -> ".join(c["members"]) or "-"]
+            [
+                str(c["id"]),
+                str(c["epoch"]),
+                c["state"],
+                (" -> ".join(c["members"]) or "-")
+                + (f"  (+ {c['joining']} joining)" if c["joining"] else ""),
+            ]
             for c in master.state.describe()
         ]
         return format_table(rows, ["chain", "epoch", "state", "members (head -> tail)"])
@@ -37,7 +43,10 @@ def master_admin_factory(master: MasterService) -> ServerFactory:
         rows = []
         for name, m in sorted(master.state.nodes.items()):
             chain = master.state.chain_of(name)
-            if chain is None:
+            joining = [c.chain_id for c in master.state.chains if c.joining == name]
+            if joining:
+                place = f"chain {joining[0]} joining"
+            elif chain is None:
                 place = "spare"
             else:
                 i = chain.members.index(name)

@@ -56,6 +56,18 @@ class MasterProtocol(FrameProtocol):
         elif mtype == T.WATCH:
             m.subscribers.add(self)
             self.send(m.config_frame())
+        elif mtype == T.JOINED:
+            name = bytes(body.name).decode("utf-8", "replace")
+            m.state.heartbeat(name, m.clock())
+            if m.state.joined(name, body.chain_id, body.epoch):
+                m.log.info(
+                    "node {name} caught up with chain {chain}: it is the new tail; "
+                    "chains: {chains}",
+                    name=name,
+                    chain=body.chain_id,
+                    chains=m.state.describe(),
+                )
+                m.changed()
         elif mtype == T.HEARTBEAT:
             name = bytes(body.name).decode("utf-8", "replace")
             m.state.heartbeat(name, m.clock())
@@ -229,7 +241,10 @@ class MasterService(service.MultiService):
         return False
 
     def detect_failures(self) -> None:
-        """Remove every chain member silent for longer than the failure timeout."""
+        """
+        Remove every chain member silent for longer than the failure
+        timeout, then extend every short chain with a live spare.
+        """
         try:
             removed = []
             for name in self.state.failed(self.clock(), self.failure_timeout):
@@ -242,6 +257,14 @@ class MasterService(service.MultiService):
                     timeout=self.failure_timeout,
                     chains=self.state.describe(),
                 )
+            started = self.state.plan_joins(self.clock(), self.failure_timeout)
+            for chain_id, name in started:
+                self.log.info(
+                    "chain {chain} is short: node {name} joins after its tail (state transfer)",
+                    chain=chain_id,
+                    name=name,
+                )
+            if removed or started:
                 self.changed()
         except Exception:
             # Keep the loop alive: one bad round must not stop detection.

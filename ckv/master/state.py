@@ -24,6 +24,8 @@ class ChainState:
     #: A chain serves once it has reached the target length the first time;
     #: before that its members wait (nothing to transfer yet).
     formed: bool = False
+    #: A node receiving a state transfer from the tail, to become the tail.
+    joining: str | None = None
 
 
 class MasterState:
@@ -66,9 +68,9 @@ class MasterState:
             if old == member:
                 return False
             self.nodes[name] = member
-            chain = self.chain_of(name)
-            if chain is not None:
-                chain.epoch += 1
+            for c in self.chains:
+                if name in c.members or c.joining == name:
+                    c.epoch += 1
             self.version += 1
             return True
         self.nodes[name] = member
@@ -111,24 +113,76 @@ class MasterState:
             silent = [n for n in c.members if now - self.last_seen.get(n, now) > timeout]
             if len(silent) < len(c.members):
                 out.extend(silent)
+            if c.joining is not None and now - self.last_seen.get(c.joining, now) > timeout:
+                out.append(c.joining)
         return out
 
     def remove(self, name: str) -> bool:
         """
         Take a failed node out of its chain (new epoch); it waits as a spare.
         The last member of a chain is never removed: it holds the chain's
-        only copy, and the chain is unavailable until it is back.
-        Returns True if the configuration changed.
+        only copy, and the chain is unavailable until it is back.  A joining
+        node that fails, or whose source (the tail) fails, goes back to the
+        spares.  Returns True if the configuration changed.
         """
+        for c in self.chains:
+            if c.joining == name:
+                self._abort_join(c)
+                self.version += 1
+                return True
         chain = self.chain_of(name)
         if chain is None or len(chain.members) <= 1:
             return False
+        if chain.joining is not None and chain.members[-1] == name:
+            self._abort_join(chain)
         chain.members.remove(name)
         chain.epoch += 1
         if name not in self.spares:
             self.spares.append(name)
         self.version += 1
         return True
+
+    def _abort_join(self, chain: ChainState) -> None:
+        assert chain.joining is not None
+        if chain.joining not in self.spares:
+            self.spares.append(chain.joining)
+        chain.joining = None
+        chain.epoch += 1
+
+    def plan_joins(self, now: float, timeout: float) -> list[tuple[int, str]]:
+        """
+        Start extending every serving chain shorter than the target length
+        with a live spare (one join per chain at a time).  Returns the
+        (chain id, node) pairs started.
+        """
+        started = []
+        for c in self.chains:
+            if not c.formed or c.joining is not None or len(c.members) >= self.chain_length:
+                continue
+            live = [n for n in self.spares if now - self.last_seen.get(n, -1e18) <= timeout]
+            if not live:
+                continue
+            name = live[0]
+            self.spares.remove(name)
+            c.joining = name
+            c.epoch += 1
+            self.version += 1
+            started.append((c.chain_id, name))
+        return started
+
+    def joined(self, name: str, chain_id: int, epoch: int) -> bool:
+        """
+        A joining node holds the tail's snapshot and follows its updates:
+        it becomes the tail (new epoch).  Stale reports are ignored.
+        """
+        for c in self.chains:
+            if c.chain_id == chain_id and c.joining == name and c.epoch == epoch:
+                c.members.append(name)
+                c.joining = None
+                c.epoch += 1
+                self.version += 1
+                return True
+        return False
 
     def chain_of(self, name: str) -> ChainState | None:
         for c in self.chains:
@@ -148,7 +202,10 @@ class MasterState:
         waiting = []
         for c in self.chains:
             if c.formed:
-                chains.append(Chain(c.chain_id, c.epoch, tuple(self.nodes[n] for n in c.members)))
+                joining = (self.nodes[c.joining],) if c.joining is not None else ()
+                chains.append(
+                    Chain(c.chain_id, c.epoch, tuple(self.nodes[n] for n in c.members), joining)
+                )
             else:
                 chains.append(Chain(c.chain_id, c.epoch, ()))
                 waiting.extend(c.members)
@@ -167,6 +224,7 @@ class MasterState:
                     if c.formed
                     else f"forming ({len(c.members)}/{self.chain_length})",
                     "members": list(c.members),
+                    "joining": c.joining,
                 }
             )
         return out
@@ -185,6 +243,7 @@ class MasterState:
                         "epoch": c.epoch,
                         "members": c.members,
                         "formed": c.formed,
+                        "joining": c.joining,
                     }
                     for c in self.chains
                 ],
@@ -206,7 +265,8 @@ class MasterState:
         state.version = d["version"]
         state.nodes = {n: Member(n, v["host"], v["port"]) for n, v in d["nodes"].items()}
         state.chains = [
-            ChainState(c["id"], c["epoch"], list(c["members"]), c["formed"]) for c in d["chains"]
+            ChainState(c["id"], c["epoch"], list(c["members"]), c["formed"], c.get("joining"))
+            for c in d["chains"]
         ]
         state.spares = list(d["spares"])
         return state

@@ -53,10 +53,19 @@ class Options(usage.Options):
         ["chains", None, 1, "Number of chains to form.", _int],
         ["chain-length", None, 3, "Members per chain.", _int],
         ["heartbeat-interval", None, 1.0, "Seconds between node heartbeats (reserved).", _float],
-        ["failure-timeout", None, 5.0,
-         "Seconds without a heartbeat before a node is declared failed (reserved).", _float],
-        ["port-file", None, None,
-         'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.'],
+        [
+            "failure-timeout",
+            None,
+            5.0,
+            "Seconds without a heartbeat before a node is declared failed (reserved).",
+            _float,
+        ],
+        [
+            "port-file",
+            None,
+            None,
+            'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.',
+        ],
     ]
 
     def postOptions(self) -> None:
