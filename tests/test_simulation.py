@@ -257,3 +257,20 @@ def test_catches_reads_without_a_lease(patch: Callable[[str, Any], None]) -> Non
             caught.append(str(e))
     assert caught
     assert all("NOT linearizable" in c for c in caught)
+
+
+# -- bugs found ----------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="replica: an ACK lost with a link is never resent. n3 restarts with a durable sent "
+    "list [146, 147] and becomes the tail of n1 -> n3 at once: on_config acks 147 upstream, but "
+    "no predecessor link is up yet so the ACK is dropped; n1's hello then learns n3 has 147 and "
+    "forwards nothing, and nobody acks again until a new update commits. n1 keeps 146..147 in "
+    "sent (acked_seq 145); a client retry of those requests at n1 is dropped as 'still on its "
+    "way'. Fix: the successor acks its acked seq on every new predecessor link (after the "
+    "CHAIN_HELLO_REPLY).",
+)
+def test_bug_ack_lost_with_the_link_is_never_resent() -> None:
+    run(1080, 4000)
