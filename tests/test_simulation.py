@@ -262,15 +262,16 @@ def test_catches_reads_without_a_lease(patch: Callable[[str, Any], None]) -> Non
 # -- bugs found ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="replica: an ACK lost with a link is never resent. n3 restarts with a durable sent "
-    "list [146, 147] and becomes the tail of n1 -> n3 at once: on_config acks 147 upstream, but "
-    "no predecessor link is up yet so the ACK is dropped; n1's hello then learns n3 has 147 and "
-    "forwards nothing, and nobody acks again until a new update commits. n1 keeps 146..147 in "
-    "sent (acked_seq 145); a client retry of those requests at n1 is dropped as 'still on its "
-    "way'. Fix: the successor acks its acked seq on every new predecessor link (after the "
-    "CHAIN_HELLO_REPLY).",
-)
-def test_bug_ack_lost_with_the_link_is_never_resent() -> None:
+def test_bug_ack_lost_with_the_link_was_never_resent() -> None:
+    """
+    Found by seed 1080: n3 restarted with a durable sent list [146, 147] and
+    became the tail of n1 -> n3 at once; its ack went nowhere (no link yet),
+    n1's hello learnt n3 had 147 and forwarded nothing, and nobody acked
+    again until a new update: n1 kept 146..147 in sent, and a retry of those
+    requests at n1 was dropped as "still on its way".  Fixed in the service
+    (re-ack on every new predecessor link); without the fix the run fails.
+    """
     run(1080, 4000)
+    cfg = SimConfig.for_seed(1080, reack_on_hello=False)
+    with pytest.raises(SimulationFailure, match="did not settle"):
+        run(1080, 4000, cfg=cfg)

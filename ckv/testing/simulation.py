@@ -133,6 +133,9 @@ class SimConfig:
     retry_backoff: tuple[float, float] = (0.01, 0.04)
     #: Chance of a client sending its known epoch with an update.
     epoch_in_requests: float = 0.5
+    #: The node re-sends its ack on every new predecessor link (as the service
+    #: does since the fix of the lost-ack bug; False replays that bug).
+    reack_on_hello: bool = True
     #: Faults: the chance, at each step, that one is injected.
     faults: bool = True
     fault_rate: float = 0.006
@@ -438,6 +441,10 @@ class SimNode:
     def _from_successor(self, conn: Conn, mtype: int, body: Any) -> None:
         r = self.r
         if mtype == T.CHAIN_HELLO_REPLY:
+            if body.epoch != r.epoch:
+                # Our configuration moved while the hello was in flight.
+                self.sim.close(conn, self.name)
+                return
             conn.ready = True
             self.succ_conn = conn
             self.succ_retries = 0
@@ -446,6 +453,9 @@ class SimNode:
                 f"it has {body.applied_seq}"
             )
             self.execute(r.on_successor_ready(body.epoch, body.applied_seq))
+            if r.forward_cursor is None:
+                # Refused by the replica: retry on a new link later.
+                self.sim.close(conn, self.name)
         elif mtype == T.ACK and conn.ready:
             self.execute(r.on_ack(body.epoch, body.seq))
             self.kick()
@@ -483,6 +493,8 @@ class SimNode:
                 return
             r.on_fence(body.epoch, body.seq)
         elif mtype == T.CLIENT_HELLO:
+            if conn.client_id is not None and self.client_channels.get(conn.client_id) is conn:
+                del self.client_channels[conn.client_id]
             conn.client_id = bytes(body.client_id)
             self.client_channels[conn.client_id] = conn
         elif mtype == T.CHAIN_HELLO:
@@ -510,6 +522,11 @@ class SimNode:
         conn.peer_name = name
         self.pred_conn = conn
         self.sim.send(conn, self.name, frame)
+        if self.sim.cfg.reack_on_hello:
+            # An ack lost with the previous link is not lost for good.
+            held = r.committed_seq if r.successor is None else r.acked_seq
+            if held:
+                self.sim.send(conn, self.name, wire.encode(T.ACK, epoch=r.epoch, seq=held))
 
     def protocol_error(self, conn: Conn, code: wire.ErrorCode, message: str) -> None:
         if conn.failed:
