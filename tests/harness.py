@@ -193,6 +193,13 @@ class Cluster:
         node.args = self._node_args(node.name)
         node.start()
 
+    def restart_master(self) -> None:
+        """Start the master again on the same ports (the others know its address)."""
+        args = self.master.args
+        args[args.index("--listen") + 1] = f"tcp:{self.master.port}:interface=127.0.0.1"
+        args[args.index("--admin") + 1] = f"tcp:{self.master.admin_port}:interface=127.0.0.1"
+        self.master.start()
+
     def start_dispatcher(self) -> None:
         if self.dispatcher is None:
             self.dispatcher = Process("dispatcher", "dispatcher", [], self.workdir)
