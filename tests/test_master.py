@@ -214,3 +214,48 @@ def test_the_failure_detector_survives_an_error(master, monkeypatch):
     reactor.advance(1.0)
     monkeypatch.undo()
     assert m._detector is not None and m._detector.running
+
+
+def test_planned_removal_of_a_middle_is_immediate_and_forgets_the_node(master):
+    m, reactor, clock = master
+    m.state.chain_length = 3
+    for i, name in enumerate(("a", "b", "c")):
+        p, _ = connect(m)
+        register(p, name, 7001 + i)
+    assert members(m.state) == ["a", "b", "c"]
+    assert m.planned_remove("b") == "b removed"
+    assert members(m.state) == ["a", "c"]
+    assert "b" not in m.state.nodes
+    # Registering again, it is a new node: a spare that may extend the chain.
+    p, _ = connect(m)
+    register(p, "b", 9000)
+    assert [x.name for x in m.state.config().spares] == ["b"]
+
+
+def test_planned_removal_of_the_tail_waits_for_its_lease(master):
+    m, reactor, clock = master
+    a, _ = connect(m)
+    b, tb = connect(m)
+    register(a, "a", 7001)
+    register(b, "b", 7002)
+    assert members(m.state) == ["a", "b"]
+    answer = m.planned_remove("b")
+    assert "read lease is no longer renewed" in answer
+    tb.clear()
+    b.dataReceived(framed(wire.encode(T.HEARTBEAT, name=b"b", epoch=2, applied_seq=0)))
+    ((mtype, reply),) = unframe(tb.value())
+    assert mtype == T.HEARTBEAT_REPLY and reply.lease_ms == 0
+    reactor.advance(m.lease_ms / 1000.0)  # its last lease may still run
+    assert members(m.state) == ["a", "b"]
+    reactor.advance(m.heartbeat_interval)
+    assert members(m.state) == ["a"]
+
+
+def test_the_last_member_is_not_removed_on_request(master):
+    m, reactor, clock = master
+    m.state.chain_length = 1
+    p, _ = connect(m)
+    register(p, "a", 7001)
+    assert m.planned_remove("a").startswith("error: a is the last member")
+    assert m.planned_remove("zz").startswith("error: no node")
+    assert members(m.state) == ["a"]

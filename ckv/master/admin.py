@@ -59,6 +59,9 @@ def master_admin_factory(master: MasterService) -> ServerFactory:
             rows.append([name, f"{m.host}:{m.port}", place, age])
         return format_table(rows, ["node", "address", "place", "last seen"])
 
+    def remove(args: list[str]) -> str:
+        return master.planned_remove(args[0])
+
     return admin_factory(
         "master",
         [
@@ -68,6 +71,15 @@ def master_admin_factory(master: MasterService) -> ServerFactory:
             AdminCommand("stats", "stats", "counters", stats, max_args=0),
             AdminCommand(
                 "chains", "chains", "every chain, its epoch and members", chains, max_args=0
+            ),
+            AdminCommand(
+                "remove",
+                "remove NODE",
+                "take NODE out of its chain and forget it (a tail first lets its read "
+                "lease expire); if it registers again it is a new node",
+                remove,
+                min_args=1,
+                max_args=1,
             ),
             AdminCommand(
                 "nodes", "nodes", "every known node, its place and last contact", nodes, max_args=0

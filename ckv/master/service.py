@@ -52,7 +52,7 @@ class MasterProtocol(FrameProtocol):
                 self.send(m.config_frame())
             # A registration counts as a heartbeat: the node learns the
             # interval and holds a lease from when it sent the REGISTER.
-            self.send(m.heartbeat_reply())
+            self.send(m.heartbeat_reply(name))
         elif mtype == T.WATCH:
             m.subscribers.add(self)
             self.send(m.config_frame())
@@ -71,7 +71,7 @@ class MasterProtocol(FrameProtocol):
         elif mtype == T.HEARTBEAT:
             name = bytes(body.name).decode("utf-8", "replace")
             m.state.heartbeat(name, m.clock())
-            self.send(m.heartbeat_reply())
+            self.send(m.heartbeat_reply(name))
         else:
             self.unexpected(mtype)
 
@@ -130,6 +130,8 @@ class MasterService(service.MultiService):
         self.state = MasterState(chains, chain_length)
         self._detector: LoopingCall | None = None
         self.subscribers: set[MasterProtocol] = set()
+        #: Tails being removed on request: they get no more read leases.
+        self.draining: set[str] = set()
         self._env: lmdb.Environment | None = None
         self._ports: list[IListeningPort] = []
         self._frame: bytes | None = None
@@ -149,12 +151,46 @@ class MasterService(service.MultiService):
             max(self.failure_timeout - 2 * self.heartbeat_interval, self.heartbeat_interval) * 1000
         )
 
-    def heartbeat_reply(self) -> bytes:
+    def heartbeat_reply(self, name: str = "") -> bytes:
         return wire.encode(
             T.HEARTBEAT_REPLY,
-            lease_ms=self.lease_ms,
+            lease_ms=0 if name in self.draining else self.lease_ms,
             interval_ms=int(self.heartbeat_interval * 1000),
         )
+
+    def planned_remove(self, name: str) -> str:
+        """
+        Remove a node on purpose (admin `remove NODE`).  A tail first stops
+        getting read leases; the new configuration is published once its
+        last lease has surely run out, so no read is ever answered by the
+        old tail after the new one has answered a newer value.
+        """
+        state = self.state
+        if name not in state.nodes:
+            return f"error: no node named {name!r}"
+        chain = state.chain_of(name)
+        if chain is not None and len(chain.members) <= 1:
+            return f"error: {name} is the last member of chain {chain.chain_id}; not removed"
+        if chain is not None and chain.members[-1] == name:
+            self.draining.add(name)
+            delay = self.lease_ms / 1000.0 + self.heartbeat_interval
+            self.reactor.callLater(delay, self._finish_removal, name)
+            return (
+                f"{name} is the tail of chain {chain.chain_id}: its read lease is no longer "
+                f"renewed; it leaves the chain in {delay:.1f}s"
+            )
+        self._finish_removal(name)
+        return f"{name} removed"
+
+    def _finish_removal(self, name: str) -> None:
+        self.draining.discard(name)
+        if self.state.forget(name):
+            self.log.info(
+                "node {name} removed on request; chains: {chains}",
+                name=name,
+                chains=self.state.describe(),
+            )
+            self.changed()
 
     def startService(self) -> None:
         super().startService()

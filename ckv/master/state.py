@@ -142,6 +142,26 @@ class MasterState:
         self.version += 1
         return True
 
+    def forget(self, name: str) -> bool:
+        """
+        A planned removal (admin `remove NODE`): take the node out of its
+        chain and forget it.  If it registers again it is a new node.
+        Refused for the last member of a chain.
+        """
+        if name not in self.nodes:
+            return False
+        chain = self.chain_of(name)
+        if chain is not None and len(chain.members) <= 1:
+            return False
+        if chain is not None or any(c.joining == name for c in self.chains):
+            self.remove(name)
+        if name in self.spares:
+            self.spares.remove(name)
+        del self.nodes[name]
+        self.last_seen.pop(name, None)
+        self.version += 1
+        return True
+
     def _abort_join(self, chain: ChainState) -> None:
         assert chain.joining is not None
         if chain.joining not in self.spares:
