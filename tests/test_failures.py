@@ -6,6 +6,7 @@ chain carries on shorter, and no acknowledged write is lost.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -187,6 +188,34 @@ def test_a_new_node_extends_a_short_chain(tmp_path):
         result = verify(c, out)
         assert result["missing"] == [] and result["wrong"] == []
         identical(c, ["n1", "n3", "n4"])
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
+
+
+def test_a_member_restarted_with_a_wiped_store_never_serves_from_it(tmp_path):
+    """Same name, empty data directory: taken out at once, back only by state transfer."""
+    import shutil
+
+    c = Cluster(str(tmp_path), master_args=["--heartbeat-interval", "0.2",
+                                            "--failure-timeout", "8"])  # fmt: skip
+    try:
+        c.start()
+        out = str(tmp_path / "acked")
+        w = start_workload(c, out, count=600, concurrency=8)
+        assert w.wait(60) == 0, w.stdout.read()
+        n3 = c.node("n3")
+        n3.kill()
+        shutil.rmtree(os.path.join(str(tmp_path), "n3"))
+        c.start_node(n3)  # well before the failure timeout
+        wait_chain(c, ["n1", "n2", "n3"])
+        with open(n3.log_path) as f:
+            assert "holds the snapshot at seq" in f.read()
+        result = verify(c, out)
+        assert result["missing"] == [] and result["wrong"] == []
+        identical(c, ["n1", "n2", "n3"])
     except BaseException:
         print(c.logs())
         raise

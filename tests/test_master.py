@@ -259,3 +259,28 @@ def test_the_last_member_is_not_removed_on_request(master):
     assert m.planned_remove("a").startswith("error: a is the last member")
     assert m.planned_remove("zz").startswith("error: no node")
     assert members(m.state) == ["a"]
+
+
+def test_a_member_back_without_its_data_is_taken_out_and_rejoins_later():
+    s = formed()
+    s.heartbeat("n3", 1.0, committed_seq=50)
+    # Back with a wiped store: it knows no chain.
+    assert s.register("n3", "127.0.0.1", 9003, now=2.0, chain_id=wire.NO_CHAIN, committed_seq=0)
+    assert members(s) == ["n1", "n2"]
+    assert "n3" in [m.name for m in s.config().spares]
+    # A live spare: it extends the chain again, through a state transfer.
+    assert s.plan_joins(2.0, timeout=5.0) == [(0, "n3")]
+
+
+def test_a_member_back_with_less_than_it_reported_is_taken_out():
+    s = formed()
+    s.heartbeat("n2", 1.0, committed_seq=80)
+    assert s.register("n2", "127.0.0.1", 9002, now=2.0, chain_id=0, committed_seq=60)
+    assert members(s) == ["n1", "n3"]
+
+
+def test_a_member_back_with_its_data_keeps_its_place():
+    s = formed()
+    s.heartbeat("n2", 1.0, committed_seq=80)
+    assert s.register("n2", "127.0.0.1", 9002, now=2.0, chain_id=0, committed_seq=80)
+    assert members(s) == ["n1", "n2", "n3"]

@@ -396,7 +396,9 @@ class NodeService(service.MultiService):
             port=self.listen_port,
             chain_id=r.chain_id,
             epoch=r.epoch,
-            applied_seq=r.applied_seq,
+            # What the store holds for sure: the master checks that a
+            # restarted member did not come back with less.
+            applied_seq=r.committed_seq,
         )
 
     def on_config(self, config: ClusterConfig) -> None:
@@ -463,7 +465,7 @@ class NodeService(service.MultiService):
                     T.HEARTBEAT,
                     name=self.name.encode(),
                     epoch=r.epoch,
-                    applied_seq=r.applied_seq,
+                    applied_seq=r.committed_seq,
                 )
             )
             self.send_joined()

@@ -70,7 +70,7 @@ class MasterProtocol(FrameProtocol):
                 m.changed()
         elif mtype == T.HEARTBEAT:
             name = bytes(body.name).decode("utf-8", "replace")
-            m.state.heartbeat(name, m.clock())
+            m.state.heartbeat(name, m.clock(), body.applied_seq)
             self.send(m.heartbeat_reply(name))
         else:
             self.unexpected(mtype)
@@ -263,7 +263,14 @@ class MasterService(service.MultiService):
 
     def register(self, name: str, host: str, port: int, body: Container) -> bool:
         """Record a registration; True if the new configuration was pushed."""
-        if self.state.register(name, host, port, now=self.clock()):
+        if self.state.register(
+            name,
+            host,
+            port,
+            now=self.clock(),
+            chain_id=body.chain_id,
+            committed_seq=body.applied_seq,
+        ):
             self.log.info(
                 "node {name} registered at {host}:{port} (applied seq {seq}); chains: {chains}",
                 name=name,

@@ -49,22 +49,43 @@ class MasterState:
         self.nodes: dict[str, Member] = {}
         self.spares: list[str] = []
         self.last_seen: dict[str, float] = {}
+        #: The highest committed seq each node has reported (in memory).
+        self.reported: dict[str, int] = {}
 
     # -- events ------------------------------------------------------------
 
-    def register(self, name: str, host: str, port: int, now: float | None = None) -> bool:
+    def register(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        now: float | None = None,
+        chain_id: int | None = None,
+        committed_seq: int | None = None,
+    ) -> bool:
         """
         A node (re)registers.  Returns True if the configuration changed.
 
         A known node keeps its place (a restarted node comes back where it
-        was, so a whole chain restarts in its previous order).  A new node
-        joins the forming chain with the fewest members, or else waits as a
-        spare.
+        was, so a whole chain restarts in its previous order) -- unless it
+        comes back without the data it had: a store that knows no chain
+        (C{chain_id}) or that has less than it reported before
+        (C{committed_seq}).  Such a node is taken out of its chain and
+        rejoins as a spare, by state transfer; it must never serve from a
+        store that lost acknowledged writes.  A new node joins the forming
+        chain with the fewest members, or else waits as a spare.
         """
         self.last_seen[name] = time.monotonic() if now is None else now
         member = Member(name, host, port)
         old = self.nodes.get(name)
+        lost = self._lost_data(name, chain_id, committed_seq)
+        if committed_seq is not None:
+            self.reported[name] = max(self.reported.get(name, 0), committed_seq)
         if old is not None:
+            if lost and self.remove(name):
+                self.nodes[name] = member
+                self.reported.pop(name, None)
+                return True
             if old == member:
                 return False
             self.nodes[name] = member
@@ -86,10 +107,20 @@ class MasterState:
         self.version += 1
         return True
 
-    def heartbeat(self, name: str, now: float) -> None:
-        """A sign of life from a node."""
+    def _lost_data(self, name: str, chain_id: int | None, committed_seq: int | None) -> bool:
+        chain = self.chain_of(name)
+        if chain is None or not chain.formed or chain_id is None:
+            return False
+        if chain_id != chain.chain_id:
+            return True
+        return committed_seq is not None and committed_seq < self.reported.get(name, 0)
+
+    def heartbeat(self, name: str, now: float, committed_seq: int | None = None) -> None:
+        """A sign of life from a node (with how far its store has got)."""
         if name in self.nodes:
             self.last_seen[name] = now
+            if committed_seq is not None:
+                self.reported[name] = max(self.reported.get(name, 0), committed_seq)
 
     def grace(self, now: float) -> None:
         """
