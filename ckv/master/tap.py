@@ -41,9 +41,11 @@ class Options(usage.Options):
     longdesc = (
         "Run the ckv master: it forms chains from registering nodes (a chain serves once "
         "it has --chain-length members), tells every node, dispatcher and client the "
-        "configuration, and keeps its state in LMDB under --data-dir. Failure detection "
-        "(--heartbeat-interval, --failure-timeout) is reserved: this version does not yet "
-        "remove failed nodes. Endpoints are Twisted endpoint strings; a bare "
+        "configuration, and keeps its state in LMDB under --data-dir. A chain member "
+        "silent for --failure-timeout is removed from its chain; a live spare extends a "
+        "short chain by state transfer. Tails get read leases of "
+        "max(failure-timeout - 2 x heartbeat-interval, heartbeat-interval). "
+        "Endpoints are Twisted endpoint strings; a bare "
         "port number N means tcp:N:interface=127.0.0.1."
     )
     optParameters = [
@@ -52,12 +54,12 @@ class Options(usage.Options):
         ["admin", "a", None, "Server endpoint of the admin console (default: no console)."],
         ["chains", None, 1, "Number of chains to form.", _int],
         ["chain-length", None, 3, "Members per chain.", _int],
-        ["heartbeat-interval", None, 1.0, "Seconds between node heartbeats (reserved).", _float],
+        ["heartbeat-interval", None, 1.0, "Seconds between node heartbeats.", _float],
         [
             "failure-timeout",
             None,
             5.0,
-            "Seconds without a heartbeat before a node is declared failed (reserved).",
+            "Seconds without a heartbeat before a chain member is removed.",
             _float,
         ],
         [
