@@ -24,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from ckv import wire
 from ckv.client import BlockingClient, Client, connect, fetch_config
 from ckv.client.blocking import call_blocking, ensure_running, reactor_thread
-from ckv.client.engine import RequestEngine
-from ckv.config import Chain, ClusterConfig, Member
+from ckv.client.engine import RequestEngine, request_op, with_epoch
+from ckv.config import Chain, ClusterConfig, Member, slot_of
 from ckv.errors import CkvError, RequestError, TooLarge, Unavailable
 from ckv.wire import MessageType, Op, Status
 
@@ -60,6 +60,8 @@ class FakeCluster:
         self.done: dict[tuple[bytes, int], tuple[int, Status, bytes]] = {}
         self.applied = 0
         self.requests: list[Container] = []
+        #: REQUESTs sent straight to a node (direct mode): (node name, request).
+        self.node_requests: list[tuple[str, Container]] = []
         self.dispatchers: list[DispatcherPeer] = []
         self.tails: dict[str, list[TailPeer]] = {}
 
@@ -77,6 +79,24 @@ class FakeCluster:
         ]
         assert peers, f"no reply channel from {chain.tail.name}"
         return peers[-1]
+
+    def node_request(self, peer: TailPeer, req: Container) -> None:
+        """A REQUEST that reached node C{peer} directly: act as a chain would."""
+        self.node_requests.append((peer.name, req))
+        chain = self.config.chain_for_key(req.key)
+        assert chain is not None
+        if req.op == Op.GET:
+            if chain.tail is None or chain.tail.name != peer.name:
+                self.reply(req, Status.NOT_TAIL, peer.name.encode() + b" is not the tail", via=peer)
+            elif self.auto:
+                self.reply(req, *self.execute(req), via=peer)
+        elif chain.head is None or chain.head.name != peer.name:
+            self.reply(req, Status.NOT_HEAD, peer.name.encode() + b" is not the head", via=peer)
+        elif req.epoch and req.epoch != chain.epoch:
+            self.reply(req, Status.STALE_EPOCH, b"stale", via=peer)
+        elif self.auto:
+            status, value = self.execute(req)
+            self.reply(req, status, value)
 
     def reply(self, req: Container, status: Status, value: bytes = b"", via: Any = None) -> None:
         peer = via if via is not None else self.tail_peer(req.client_id, req.key)
@@ -166,6 +186,8 @@ class TailPeer(FakePeer):
             self.cluster.tails.setdefault(self.name, []).append(self)
             if self.cluster.welcome:
                 self.send_welcome()
+        elif mtype == MessageType.REQUEST:
+            self.cluster.node_request(self, body)
 
     def send_welcome(self) -> None:
         self.sendString(wire.encode(MessageType.WELCOME, name=self.name.encode(), epoch=1))
@@ -671,6 +693,235 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+# -- direct mode: requests straight to heads and tails -------------------------
+
+H2 = Member("h2", "127.0.0.1", 7004)
+J = Member("j", "127.0.0.1", 7005)
+
+
+def two_chains(
+    version: int,
+    chain0: tuple[Member, ...] = (HEAD, T1),
+    chain1: tuple[Member, ...] = (H2, T2),
+    epochs: tuple[int, int] = (1, 1),
+    joining1: tuple[Member, ...] = (),
+) -> ClusterConfig:
+    """Two chains over 16 slots: even slots chain 0, odd slots chain 1."""
+    return ClusterConfig(
+        version,
+        (0, 1) * 8,
+        (Chain(0, epochs[0], chain0), Chain(1, epochs[1], chain1, joining1)),
+    )
+
+
+def key_of(chain_id: int, n: int = 0) -> bytes:
+    """The n-th key k0, k1, ... whose slot (of 16) belongs to chain C{chain_id}."""
+    found = [k for k in (b"k%d" % i for i in range(1000)) if slot_of(k, 16) % 2 == chain_id]
+    return found[n]
+
+
+class DirectClientTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.net = FakeNet(self.clock)
+        self.cluster = FakeCluster(two_chains(1))
+        self.net.servers[DISPATCHER] = lambda: DispatcherPeer(self.cluster)
+        for m in (HEAD, T1, H2, T2, J):
+            self.net.servers[m.endpoint()] = lambda name=m.name: TailPeer(self.cluster, name)
+
+    def connect(self, timeout: float = 5.0) -> Client:
+        d = connect(
+            self.clock, DISPATCHER, timeout, endpoint_factory=self.net.endpoint, direct=True
+        )
+        self.net.flush()
+        client = self.successResultOf(d)
+        self.addCleanup(self.close, client)
+        return client
+
+    def close(self, client: Client) -> None:
+        d = client.close()
+        self.net.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def run_op(self, d: Deferred[Any]) -> Any:
+        self.net.flush()
+        return self.successResultOf(d)
+
+    def sent_to(self) -> list[tuple[str, int, int, int, int]]:
+        """(node, op, lane, request id, epoch) of every direct request so far."""
+        return [(n, r.op, r.lane, r.request_id, r.epoch) for n, r in self.cluster.node_requests]
+
+    def test_epoch_helpers(self) -> None:
+        """The epoch is stamped into an encoded REQUEST in place of a re-encoding."""
+        for op, value in ((Op.PUT, b"v"), (Op.GET, None), (Op.CAS, b"")):
+            frame = wire.request(b"C" * 16, 3, 9, op, b"key", value=value)
+            self.assertEqual(request_op(frame), op)
+            self.assertEqual(
+                with_epoch(frame, 2**40 + 5),
+                wire.request(b"C" * 16, 3, 9, op, b"key", value=value, epoch=2**40 + 5),
+            )
+
+    def test_routes_by_chain(self) -> None:
+        """
+        Updates go to the head of the key's chain with its epoch, gets to its
+        tail; the dispatcher (only the configuration source) sees no request.
+        """
+        self.cluster.config = two_chains(1, epochs=(4, 7))
+        c = self.connect()
+        self.assertTrue(c.direct)
+        self.assertEqual(
+            sorted(self.net.connects),
+            sorted([DISPATCHER, HEAD.endpoint(), T1.endpoint(), H2.endpoint(), T2.endpoint()]),
+        )
+        a, b = key_of(0), key_of(1)
+        self.assertIsNone(self.run_op(c.put(a, b"A")))
+        self.assertIsNone(self.run_op(c.put(b, b"B")))
+        self.assertEqual(self.run_op(c.get(a)), b"A")
+        self.assertEqual(self.run_op(c.get(b)), b"B")
+        self.assertTrue(self.run_op(c.cas(b, b"B", b"C")))
+        self.assertTrue(self.run_op(c.delete(a)))
+        self.assertEqual(
+            self.sent_to(),
+            [
+                ("h", Op.PUT, 1, 1, 4),
+                ("h2", Op.PUT, 1, 2, 7),
+                ("t1", Op.GET, 0, 3, 0),
+                ("t2", Op.GET, 0, 4, 0),
+                ("h2", Op.CAS, 1, 5, 7),
+                ("h", Op.DELETE, 1, 6, 4),
+            ],
+        )
+        self.assertEqual(self.cluster.requests, [])
+
+    def test_stale_epoch_retried_with_the_new_epoch(self) -> None:
+        """
+        STALE_EPOCH from the head: the client asks its source again, and
+        resends the same lane and request id with the new epoch.
+        """
+        c = self.connect()
+        # The chain moved on; the push has not reached the client yet.
+        self.cluster.config = two_chains(2, epochs=(2, 1))
+        d = c.put(key_of(0), b"v")
+        self.net.flush()
+        self.assertEqual(c.config.version, 2)  # re-fetched after STALE_EPOCH
+        self.clock.advance(0.05)
+        self.net.flush()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.sent_to(), [("h", Op.PUT, 1, 1, 1), ("h", Op.PUT, 1, 1, 2)])
+        watches = [b for t, b in self.cluster.dispatchers[0].frames if t == MessageType.WATCH]
+        self.assertEqual(len(watches), 2)
+
+    def test_new_head_gets_the_outstanding_update(self) -> None:
+        """The head changes: an update out on the old head goes to the new one, same ids."""
+        c = self.connect()
+        self.cluster.auto = False
+        d = c.put(key_of(1), b"v")
+        self.net.flush()
+        self.cluster.push_config(two_chains(2, chain1=(T2,), epochs=(1, 2)))
+        self.net.flush()
+        self.assertFalse(any(p.alive for p in self.cluster.tails.get("h2", [])))
+        self.assertEqual(self.sent_to(), [("h2", Op.PUT, 1, 1, 1), ("t2", Op.PUT, 1, 1, 2)])
+        self.cluster.reply(self.cluster.node_requests[-1][1], Status.OK)
+        self.net.flush()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_not_head_is_retried(self) -> None:
+        """A NOT_HEAD answer on the head connection is retried after a backoff."""
+        c = self.connect()
+        self.cluster.config = two_chains(1, chain0=(T1,))  # T1 alone; not pushed
+        d = c.put(key_of(0), b"v")
+        self.net.flush()
+        self.assertEqual(self.sent_to()[0][:2], ("h", Op.PUT))
+        self.assertEqual(c.config.chains[0].members, (T1,))  # re-fetched
+        self.clock.advance(0.05)
+        self.net.flush()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.sent_to()[-1], ("t1", Op.PUT, 1, 1, 1))
+
+    def test_forming_chain_waits_then_serves(self) -> None:
+        """A chain without members: its requests wait; the other chain serves."""
+        self.cluster.config = two_chains(1, chain1=())
+        c = self.connect()
+        d = c.put(key_of(1), b"v")
+        self.assertIsNone(self.run_op(c.put(key_of(0), b"w")))
+        self.clock.advance(0.5)
+        self.net.flush()
+        self.assertNoResult(d)
+        self.cluster.push_config(two_chains(2))
+        self.net.flush()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.cluster.store, {key_of(0): b"w", key_of(1): b"v"})
+
+    def test_forming_chain_times_out(self) -> None:
+        self.cluster.config = two_chains(1, chain1=())
+        c = self.connect(timeout=2.0)
+        d = c.get(key_of(1))
+        for _ in range(20):
+            self.clock.advance(0.1)
+            self.net.flush()
+        self.failureResultOf(d, Unavailable)
+
+    def test_joining_node_ignored(self) -> None:
+        """A chain's joining node gets no connection and no request."""
+        self.cluster.config = two_chains(1, joining1=(J,))
+        c = self.connect()
+        self.assertNotIn(J.endpoint(), self.net.connects)
+        self.assertEqual(self.run_op(c.get(key_of(1))), None)
+        self.assertEqual(self.sent_to()[-1][0], "t2")
+
+    def test_carries_on_without_the_configuration_source(self) -> None:
+        """The dispatcher goes away: requests keep flowing on the last configuration."""
+        c = self.connect()
+        del self.net.servers[DISPATCHER]
+        for p in self.cluster.dispatchers:
+            p.transport.loseConnection()
+        self.net.flush()
+        for i in range(4):
+            self.assertIsNone(self.run_op(c.put(key_of(i % 2, i), b"%d" % i)))
+            self.assertEqual(self.run_op(c.get(key_of(i % 2, i))), b"%d" % i)
+        # It comes back; the client watches it again.
+        self.net.servers[DISPATCHER] = lambda: DispatcherPeer(self.cluster)
+        self.clock.advance(2.0)
+        self.net.flush()
+        self.cluster.push_config(two_chains(3, epochs=(2, 2)))
+        self.net.flush()
+        self.assertEqual(c.config.version, 3)
+        self.assertIsNone(self.run_op(c.put(key_of(0), b"x")))
+        self.assertEqual(self.sent_to()[-1][-1], 2)
+
+    def test_lost_head_connection_resends(self) -> None:
+        """The head connection drops with an update out: reconnect and resend it."""
+        c = self.connect()
+        self.cluster.auto = False
+        d = c.put(key_of(0), b"v")
+        self.net.flush()
+        heads = [p for p in self.net.peers(TailPeer) if p.name == "h" and p.alive]
+        heads[0].transport.loseConnection()
+        self.net.flush()
+        self.clock.advance(0.05)
+        self.net.flush()
+        self.assertEqual(self.net.connects.count(HEAD.endpoint()), 2)
+        first, again = self.cluster.node_requests
+        self.assertEqual((again[1].lane, again[1].request_id), (first[1].lane, first[1].request_id))
+        self.cluster.reply(again[1], Status.OK)
+        self.net.flush()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_ready_needs_every_head(self) -> None:
+        """connect() waits for every head's connection as well as every tail's welcome."""
+        del self.net.servers[H2.endpoint()]
+        d = connect(self.clock, DISPATCHER, 1.0, endpoint_factory=self.net.endpoint, direct=True)
+        self.net.flush()
+        self.assertNoResult(d)
+        self.clock.pump([0.1] * 9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.net.flush()
+        self.failureResultOf(d, Unavailable)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 # -- the blocking client over real sockets -------------------------------------
 
 
@@ -738,6 +989,20 @@ class BlockingClientTests(SynchronousTestCase):
                 self.assertEqual(errors, [])
                 self.assertEqual(c.get(b"t3-19"), b"19")
         self.assertTrue(c.client.closed)
+
+    def test_blocking_client_direct(self) -> None:
+        """direct=True: the same calls, sent straight to the chain's node."""
+        with BlockingClient(self.endpoint, timeout=5.0, reactor=self.reactor, direct=True) as c:
+            self.assertTrue(c.direct and c.client.direct)
+            self.assertIsNone(c.put(b"k", b"v"))
+            self.assertEqual(c.get(b"k"), b"v")
+            self.assertTrue(c.cas(b"k", b"v", b"w"))
+            self.assertTrue(c.delete(b"k"))
+        self.assertEqual(
+            [(n, Op(r.op)) for n, r in self.cluster.node_requests],
+            [("t1", Op.PUT), ("t1", Op.GET), ("t1", Op.CAS), ("t1", Op.DELETE)],
+        )
+        self.assertEqual(self.cluster.requests, [])
 
     def test_blocking_unavailable(self) -> None:
         """No dispatcher listening: the constructor raises Unavailable in time."""

@@ -5,6 +5,17 @@ The session: one connection to the dispatcher (WATCH, then CONFIG pushes;
 REQUEST frames go out on it) and one reply channel to each chain's tail
 (CLIENT_HELLO, WELCOME; REPLY frames come back on it).  The request logic
 lives in L{ckv.client.engine}; the connections in L{ckv.client.protocol}.
+
+Direct mode (C{direct=True}): the configuration still comes from the
+endpoint (a dispatcher or the master: both answer WATCH with CONFIG and push
+every change), but the client routes each request itself by the slot map:
+updates to the head of the key's chain (one plain connection per head; its
+error replies come back on it) stamped with the chain's epoch, gets to the
+tail of the key's chain over the reply channel it already has.  A head
+answers STALE_EPOCH when the epoch differs; that, NOT_HEAD, NOT_TAIL and
+UNAVAILABLE are retried with the same lane and request id once the next
+configuration arrives (the client also asks its source again, at most once
+per C{refresh_after} seconds, after such an answer).
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ckv import wire
-from ckv.client.engine import RequestEngine, check_sizes
+from ckv.client.engine import RequestEngine, check_sizes, request_op, with_epoch
 from ckv.client.protocol import Link
 from ckv.config import EMPTY, ClusterConfig, Member
 from ckv.errors import CkvError, ProtocolError, Unavailable
@@ -32,6 +43,9 @@ EndpointFactory = Callable[[str], IStreamClientEndpoint]
 
 #: The name a client gives in its WATCH.
 WATCH_NAME = b"client"
+
+#: Answers that mean the client's configuration may be out of date.
+STALE_HINTS = frozenset({Status.STALE_EPOCH, Status.NOT_HEAD, Status.NOT_TAIL})
 
 
 def _default_endpoints(reactor: Any) -> EndpointFactory:
@@ -61,6 +75,8 @@ class Client:
 
     @ivar config: the latest L{ClusterConfig} from the dispatcher.
     @ivar client_id: this session's random 16-byte id.
+    @ivar direct: True if the client sends each request to the head or tail
+        of its key's chain itself, rather than through the dispatcher.
     """
 
     log = Logger()
@@ -74,10 +90,14 @@ class Client:
         endpoint_factory: EndpointFactory | None = None,
         attempt_interval: float = 1.0,
         client_id: bytes | None = None,
+        direct: bool = False,
+        refresh_after: float = 1.0,
     ) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
         self.timeout = timeout
+        self.direct = direct
+        self.refresh_after = refresh_after
         self.client_id = client_id if client_id is not None else os.urandom(wire.CLIENT_ID_LEN)
         self.config: ClusterConfig = EMPTY
         self.closed = False
@@ -85,9 +105,17 @@ class Client:
         self._engine = RequestEngine(
             reactor, self.client_id, self, attempt_interval=attempt_interval
         )
-        self._dispatcher = Link(reactor, self._endpoints(endpoint), self, f"dispatcher {endpoint}")
+        source = "configuration source" if direct else "dispatcher"
+        self._dispatcher = Link(reactor, self._endpoints(endpoint), self, f"{source} {endpoint}")
+        #: A CONFIG arrived on the current connection to the endpoint.
         self._has_config = False
+        #: A CONFIG arrived at some point (direct mode keeps using the last
+        #: one while the endpoint is away).
+        self._config_seen = False
         self._tails: dict[Member, Link] = {}
+        #: Direct mode: one plain connection to each chain's head.
+        self._heads: dict[Member, Link] = {}
+        self._last_refresh: float | None = None
         self._ready_waiters: list[Deferred[Client]] = []
 
     # -- lifecycle ----------------------------------------------------------
@@ -98,8 +126,20 @@ class Client:
 
     @property
     def ready(self) -> bool:
-        """The dispatcher sent a CONFIG and every tail of it welcomed us."""
-        if self.closed or not self._dispatcher_ready():
+        """
+        The dispatcher sent a CONFIG and every tail of it welcomed us (direct
+        mode: a CONFIG arrived, every tail welcomed us and every head
+        accepted our connection).
+        """
+        if self.closed:
+            return False
+        if self.direct:
+            if not self._config_seen:
+                return False
+            heads = self._wanted_heads()
+            if not all((link := self._heads.get(m)) is not None and link.ready for m in heads):
+                return False
+        elif not self._dispatcher_ready():
             return False
         return all(
             (link := self._tails.get(m)) is not None and link.ready for m in self._wanted_tails()
@@ -158,8 +198,9 @@ class Client:
             waiters, self._ready_waiters = self._ready_waiters, []
             for w in waiters:
                 w.errback(CkvError("the client was closed"))
-        links = [self._dispatcher, *self._tails.values()]
+        links = [self._dispatcher, *self._tails.values(), *self._heads.values()]
         self._tails = {}
+        self._heads = {}
         done = DeferredList([link.stop() for link in links], consumeErrors=True)
         return done.addCallback(lambda _: None)
 
@@ -221,6 +262,8 @@ class Client:
     # -- Path (for the engine) ---------------------------------------------
 
     def transmit(self, key: bytes, frame: bytes) -> bool:
+        if self.direct:
+            return self._transmit_direct(key, frame)
         if not self._dispatcher_ready():
             return False
         tail = self._tail_for(key)
@@ -231,6 +274,27 @@ class Client:
         # No chain for the key: let the dispatcher answer (it knows better).
         return self._dispatcher.send(frame)
 
+    def _transmit_direct(self, key: bytes, frame: bytes) -> bool:
+        """
+        Direct mode: a get to the tail of the key's chain, an update to its
+        head with the chain's epoch.  Not ready (so the engine waits and
+        retries) while the chain has no members yet, or the tail has not
+        welcomed us (the reply would have nowhere to go), or the head's
+        connection is down.
+        """
+        chain = self.config.chain_for_key(key)
+        if chain is None or not chain.members:
+            return False
+        tail = self._tails.get(chain.tail)  # type: ignore[arg-type]
+        if tail is None or not tail.ready:
+            return False
+        if request_op(frame) == Op.GET:
+            return tail.send(frame)
+        head = self._heads.get(chain.head)  # type: ignore[arg-type]
+        if head is None or not head.ready:
+            return False
+        return head.send(with_epoch(frame, chain.epoch))
+
     def _dispatcher_ready(self) -> bool:
         return self._has_config and self._dispatcher.protocol is not None
 
@@ -238,14 +302,39 @@ class Client:
         chain = (config or self.config).chain_for_key(key)
         return chain.tail if chain is not None else None
 
+    def _head_for(self, key: bytes, config: ClusterConfig | None = None) -> Member | None:
+        chain = (config or self.config).chain_for_key(key)
+        return chain.head if chain is not None else None
+
     def _wanted_tails(self) -> set[Member]:
         return {c.tail for c in self.config.chains if c.tail is not None}
+
+    def _wanted_heads(self) -> set[Member]:
+        return {c.head for c in self.config.chains if c.head is not None}
+
+    def _refresh_config(self) -> None:
+        """
+        Direct mode, after an answer that says our configuration may be old:
+        WATCH again (the source answers with its current CONFIG), at most
+        once per C{refresh_after} seconds.  Pushes normally come first.
+        """
+        now = self.reactor.seconds()
+        if self._last_refresh is not None and now - self._last_refresh < self.refresh_after:
+            return
+        if self._dispatcher.protocol is None:
+            return
+        self._last_refresh = now
+        self._dispatcher.send(wire.encode(MessageType.WATCH, name=WATCH_NAME))
 
     # -- LinkHandler --------------------------------------------------------
 
     def link_up(self, link: Link) -> None:
         if link is self._dispatcher:
             link.send(wire.encode(MessageType.WATCH, name=WATCH_NAME))
+        elif link.tag is not None and link.tag[0] == "head":
+            # A head needs no greeting: requests go out at once.
+            link.established()
+            self._progress()
         else:
             link.send(wire.encode(MessageType.CLIENT_HELLO, client_id=self.client_id))
 
@@ -254,10 +343,12 @@ class Client:
             if body.client_id != self.client_id:
                 self.log.warn("{peer} sent a reply meant for another client", peer=link.description)
                 return
+            if self.direct and body.status in STALE_HINTS:
+                self._refresh_config()
             self._engine.reply_received(body.request_id, body.status, body.value)
         elif mtype == MessageType.CONFIG and link is self._dispatcher:
             self._config_received(ClusterConfig.from_wire(body))
-        elif mtype == MessageType.WELCOME and link is not self._dispatcher:
+        elif mtype == MessageType.WELCOME and link.tag is not None and link.tag[0] == "tail":
             self.log.debug(
                 "{peer} welcomed us as {name} at epoch {epoch}",
                 peer=link.description,
@@ -284,10 +375,14 @@ class Client:
         )
         if link is self._dispatcher:
             self._has_config = False
-            self._engine.path_lost()
+            if not self.direct:
+                self._engine.path_lost()
+            # Direct mode: nothing was sent on it; the last configuration
+            # stays in use until the endpoint is back.
         else:
-            member = link.tag
-            self._engine.path_lost(lambda key: self._tail_for(key) == member)
+            role, member = link.tag
+            owner = self._tail_for if role == "tail" else self._head_for
+            self._engine.path_lost(lambda key: owner(key) == member)
 
     # -- configuration ------------------------------------------------------
 
@@ -295,26 +390,41 @@ class Client:
         old = self.config
         self.config = config
         self._has_config = True
+        self._config_seen = True
         self._dispatcher.established()
         self.log.debug("configuration version {version}", version=config.version)
-        wanted = self._wanted_tails()
-        for member in list(self._tails):
+        # Not a tail any more: replies will come from the new tail.
+        self._follow("tail", self._tails, self._wanted_tails(), self._tail_for, old)
+        if self.direct:
+            # Not a head any more: updates go to the new head.
+            self._follow("head", self._heads, self._wanted_heads(), self._head_for, old)
+        self._progress()
+
+    def _follow(
+        self,
+        role: str,
+        links: dict[Member, Link],
+        wanted: set[Member],
+        owner: Callable[[bytes, ClusterConfig | None], Member | None],
+        old: ClusterConfig,
+    ) -> None:
+        """Close the links to members that left C{role}, open the new ones."""
+        for member in list(links):
             if member not in wanted:
-                # Not a tail any more: replies will come from the new tail.
-                self._tails.pop(member).stop()
-                self._engine.path_lost(lambda key, m=member: self._tail_for(key, old) == m)
+                links.pop(member).stop()
+                # What was out on it gets no answer there: send it again.
+                self._engine.path_lost(lambda key, m=member: owner(key, old) == m)
         for member in wanted:
-            if member not in self._tails:
+            if member not in links:
                 link = Link(
                     self.reactor,
                     self._endpoints(member.endpoint()),
                     self,
-                    f"tail {member.name} ({member.endpoint()})",
-                    tag=member,
+                    f"{role} {member.name} ({member.endpoint()})",
+                    tag=(role, member),
                 )
-                self._tails[member] = link
+                links[member] = link
                 link.start()
-        self._progress()
 
     def _progress(self) -> None:
         """Something became ready: send what waits, fire L{when_ready}."""
@@ -375,6 +485,7 @@ def connect(
     *,
     endpoint_factory: EndpointFactory | None = None,
     attempt_interval: float = 1.0,
+    direct: bool = False,
 ) -> Deferred[Client]:
     """
     Open a client session through the dispatcher at C{endpoint} (a Twisted
@@ -382,8 +493,12 @@ def connect(
 
     @param timeout: the default deadline of every request, and of this
         connection attempt.
+    @param direct: take only the configuration from C{endpoint} (a dispatcher
+        or the master) and send every request straight to the head (updates)
+        or tail (gets) of its key's chain.
     @return: a Deferred firing with a ready L{Client} once the dispatcher sent
-        its configuration and every tail welcomed the client; failing with
+        its configuration and every tail welcomed the client (direct mode:
+        and every head accepted its connection); failing with
         L{Unavailable} if that does not happen within C{timeout}.
     """
     client = Client(
@@ -392,6 +507,7 @@ def connect(
         timeout,
         endpoint_factory=endpoint_factory,
         attempt_interval=attempt_interval,
+        direct=direct,
     )
     client.start()
     d = client.when_ready(timeout)

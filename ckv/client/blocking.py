@@ -88,13 +88,18 @@ class BlockingClient:
     A ckv client for synchronous code: the methods of L{Client}, returning
     plain values and raising L{ckv.errors.CkvError} subclasses.
 
-    @param endpoint: the dispatcher, a Twisted client endpoint string.
+    @param endpoint: the dispatcher, a Twisted client endpoint string (with
+        C{direct}: a dispatcher or the master).
     @param timeout: deadline of connecting and of every request, in seconds.
     @param reactor: the reactor to run in the background (default: the
         global one).
+    @param direct: take only the configuration from C{endpoint} and send
+        each request straight to the head or tail of its key's chain.
     """
 
-    def __init__(self, endpoint: str, timeout: float = 10.0, *, reactor: Any = None) -> None:
+    def __init__(
+        self, endpoint: str, timeout: float = 10.0, *, reactor: Any = None, direct: bool = False
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -102,8 +107,9 @@ class BlockingClient:
         self._reactor = reactor
         self.timeout = timeout
         ensure_running(reactor)
+        self.direct = direct
         self._client: Client = call_blocking(
-            reactor, timeout + GRACE, connect, reactor, endpoint, timeout
+            reactor, timeout + GRACE, connect, reactor, endpoint, timeout, direct=direct
         )
 
     @property

@@ -18,6 +18,7 @@ lane 0).
 from __future__ import annotations
 
 import heapq
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,6 +37,24 @@ RETRYABLE = frozenset({Status.UNAVAILABLE, Status.NOT_HEAD, Status.NOT_TAIL, Sta
 RESULTS = frozenset({Status.OK, Status.NOT_FOUND, Status.CAS_FAILED})
 #: The lane of queries (they need no deduplication).
 QUERY_LANE = 0
+
+# Fixed offsets in a REQUEST frame body (see L{ckv.wire.Request}): version,
+# type, client id (16), lane (4), request id (8), then the epoch (8) and the
+# operation (1).  Direct mode reads the operation and stamps the epoch of the
+# key's chain at each send, without re-encoding the frame.
+_EPOCH_OFFSET = 2 + wire.CLIENT_ID_LEN + 4 + 8
+_OP_OFFSET = _EPOCH_OFFSET + 8
+_EPOCH = struct.Struct(">Q")
+
+
+def request_op(frame: bytes) -> int:
+    """The operation of an encoded REQUEST frame."""
+    return frame[_OP_OFFSET]
+
+
+def with_epoch(frame: bytes, epoch: int) -> bytes:
+    """The encoded REQUEST frame C{frame} with its epoch field set to C{epoch}."""
+    return frame[:_EPOCH_OFFSET] + _EPOCH.pack(epoch) + frame[_OP_OFFSET:]
 
 
 class Path(Protocol):
