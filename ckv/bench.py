@@ -3,8 +3,13 @@ ckv bench: throughput and latency of a running cluster.
 
 Keeps CONCURRENCY requests in flight for DURATION seconds through the Twisted
 client (one connection, pipelined), and reports operations per second, the
-50th, 99th and 99.9th percentile latency, and how many requests failed
-(errors) or got no answer in time (unavailable).
+50th, 99th and 99.9th percentile latency, how many requests failed (errors)
+or got no answer in time (unavailable), and the operations per second of
+each chain (by the chain that owns each key).
+
+Through the dispatcher by default; with --direct the client takes only the
+configuration from --connect (a dispatcher or the master) and sends updates
+to the head and reads to the tail of each key's chain itself.
 
 Workloads:
   write   put to random keys among KEYS
@@ -66,13 +71,17 @@ class Recorder:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     unavailable: int = 0
+    #: Successful operations per chain id (keys whose chain is known).
+    per_chain: dict[int, int] = field(default_factory=dict)
 
     @property
     def ops(self) -> int:
         return len(self.latencies)
 
-    def success(self, seconds: float) -> None:
+    def success(self, seconds: float, chain: int | None = None) -> None:
         self.latencies.append(seconds)
+        if chain is not None:
+            self.per_chain[chain] = self.per_chain.get(chain, 0) + 1
 
     def failure(self, unavailable: bool) -> None:
         if unavailable:
@@ -96,6 +105,10 @@ def summarize(recorder: Recorder, elapsed: float, **meta: Any) -> dict[str, Any]
         unavailable=recorder.unavailable,
         duration_s=round(elapsed, 3),
     )
+    if recorder.per_chain:
+        result["per_chain"] = {
+            str(c): round(rate(n, elapsed), 1) for c, n in sorted(recorder.per_chain.items())
+        }
     return result
 
 
@@ -107,7 +120,19 @@ def format_result(result: dict[str, Any], label: str = "") -> str:
         f"p99 {result['p99_ms']:.2f} ms, p99.9 {result['p999_ms']:.2f} ms, "
         f"max {result['max_ms']:.2f} ms; errors {result['errors']}, "
         f"unavailable {result['unavailable']}"
-    )
+    ) + format_per_chain(result)
+
+
+def format_per_chain(result: dict[str, Any]) -> str:
+    """The per-chain line (with a leading newline), or '' without chain counts."""
+    per_chain = result.get("per_chain")
+    if not per_chain:
+        return ""
+    total = sum(per_chain.values()) or 1.0
+    parts = [
+        f"chain {c} {v:.1f} ops/s ({100.0 * v / total:.1f}%)" for c, v in per_chain.items()
+    ]
+    return "\n  per chain: " + ", ".join(parts)
 
 
 def progress_line(elapsed: float, ops: int, ops_last_second: float, rec: Recorder) -> str:
@@ -166,6 +191,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
 
 
+def _chain_of(client: Any, key: bytes) -> int | None:
+    """The id of the chain that owns C{key} in the client's configuration."""
+    config = getattr(client, "config", None)
+    if config is None:
+        return None
+    chain = config.chain_for_key(key)
+    return chain.chain_id if chain is not None else None
+
+
 # -- the run -----------------------------------------------------------------------
 
 
@@ -183,17 +217,17 @@ class _Run:
         d.addTimeout(self.args.timeout + 5.0, self.reactor)
         return d
 
-    def _choose(self) -> Callable[[], Any]:
+    def _choose(self) -> tuple[bytes, Callable[[], Any]]:
         key = make_key(self.rng.randrange(self.args.keys))
         workload = self.args.workload
         read = workload == "read" or (
             workload == "mixed" and self.rng.random() < self.args.read_ratio
         )
         if read:
-            return lambda: self.client.get(key, timeout=self.args.timeout)
-        return lambda: self.client.put(key, self.value, timeout=self.args.timeout)
+            return key, lambda: self.client.get(key, timeout=self.args.timeout)
+        return key, lambda: self.client.put(key, self.value, timeout=self.args.timeout)
 
-    async def _one(self, op: Callable[[], Any], rec: Recorder) -> None:
+    async def _one(self, key: bytes, op: Callable[[], Any], rec: Recorder) -> None:
         from twisted.internet.defer import TimeoutError as DeferTimeout
         from twisted.internet.task import deferLater
 
@@ -207,23 +241,25 @@ class _Run:
         except Exception:
             rec.failure(unavailable=False)
         else:
-            rec.success(time.perf_counter() - start)
+            rec.success(time.perf_counter() - start, _chain_of(self.client, key))
             return
         # Back off a little after a failure: a failure that comes back at once
         # would otherwise spin without ever yielding to the reactor.
         await deferLater(self.reactor, 0.01, lambda: None)
 
-    async def phase(self, rec: Recorder, next_op: Callable[[], Callable[[], Any] | None]) -> float:
+    async def phase(
+        self, rec: Recorder, next_op: Callable[[], tuple[bytes, Callable[[], Any]] | None]
+    ) -> float:
         """Run C{concurrency} workers until C{next_op} returns None; the elapsed time."""
         from twisted.internet.defer import Deferred, gatherResults
         from twisted.internet.task import LoopingCall
 
         async def worker() -> None:
             while not self.stopping:
-                op = next_op()
-                if op is None:
+                chosen = next_op()
+                if chosen is None:
                     return
-                await self._one(op, rec)
+                await self._one(*chosen, rec)
 
         started = time.monotonic()
         last = [started, 0]
@@ -254,12 +290,12 @@ class _Run:
         rec = Recorder()
         keys = iter(range(self.args.keys))
 
-        def next_op() -> Callable[[], Any] | None:
+        def next_op() -> tuple[bytes, Callable[[], Any]] | None:
             i = next(keys, None)
             if i is None:
                 return None
             key = make_key(i)
-            return lambda: self.client.put(key, self.value, timeout=self.args.timeout)
+            return key, lambda: self.client.put(key, self.value, timeout=self.args.timeout)
 
         elapsed = await self.phase(rec, next_op)
         return summarize(rec, elapsed, phase="preload", keys=self.args.keys)
@@ -268,7 +304,7 @@ class _Run:
         rec = Recorder()
         deadline = time.monotonic() + self.args.duration
 
-        def next_op() -> Callable[[], Any] | None:
+        def next_op() -> tuple[bytes, Callable[[], Any]] | None:
             if time.monotonic() >= deadline:
                 return None
             return self._choose()
@@ -280,6 +316,7 @@ class _Run:
             "concurrency": args.concurrency,
             "keys": args.keys,
             "value_size": args.value_size,
+            "direct": bool(getattr(args, "direct", False)),
         }
         if args.workload == "mixed":
             meta["read_ratio"] = args.read_ratio
@@ -289,7 +326,7 @@ class _Run:
 async def _bench(reactor: Any, args: argparse.Namespace, out: dict[str, Any]) -> None:
     from ckv.client import connect
 
-    client = await connect(reactor, args.connect, args.timeout)
+    client = await connect(reactor, args.connect, args.timeout, direct=args.direct)
     run = _Run(reactor, client, args)
     out["run"] = run
     try:
@@ -301,8 +338,9 @@ async def _bench(reactor: Any, args: argparse.Namespace, out: dict[str, Any]) ->
                 print(format_result(out["preload"], "preload"))
         if not run.stopping:
             if not args.quiet:
+                how = "direct to the chains" if args.direct else "through the dispatcher"
                 print(f"running {args.workload} for {args.duration:g}s "
-                      f"with {args.concurrency} in flight...", file=sys.stderr)
+                      f"with {args.concurrency} in flight, {how}...", file=sys.stderr)
             out["result"] = await run.measure()
     finally:
         await _close(client)

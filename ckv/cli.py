@@ -145,7 +145,14 @@ def _add_connect(p: argparse.ArgumentParser) -> None:
         "-c",
         metavar="ENDPOINT",
         default=os.environ.get("CKV_CONNECT") or DEFAULT_CONNECT,
-        help=f"client endpoint of a dispatcher (default: $CKV_CONNECT, else {DEFAULT_CONNECT})",
+        help=f"client endpoint of a dispatcher, or with --direct of a dispatcher or the "
+        f"master (default: $CKV_CONNECT, else {DEFAULT_CONNECT})",
+    )
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="take only the configuration (the slot map) from --connect and send each "
+        "request straight to its key's chain: updates to the head, reads to the tail",
     )
     p.add_argument(
         "--timeout",
@@ -249,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _client(args: argparse.Namespace) -> Any:
     from ckv.client import BlockingClient
 
+    if getattr(args, "direct", False):
+        return BlockingClient(args.connect, timeout=args.timeout, direct=True)
     return BlockingClient(args.connect, timeout=args.timeout)
 
 

@@ -26,9 +26,10 @@ class FakeClient:
     store: dict[bytes, bytes] = {}
     fail: BaseException | None = None
 
-    def __init__(self, endpoint: str, timeout: float | None = None) -> None:
+    def __init__(self, endpoint: str, timeout: float | None = None, direct: bool = False) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self.direct = direct
         self.calls: list[tuple[Any, ...]] = []
         self.closed = False
         FakeClient.instances.append(self)
@@ -186,6 +187,22 @@ def test_connect_and_timeout_passed(client: type[FakeClient],
     run(["get", "k", "--connect", "tcp:10.1.1.1:9", "--timeout", "2.5"], capsys)
     assert (client.instances[-1].endpoint, client.instances[-1].timeout) == (
         "tcp:10.1.1.1:9", 2.5)
+
+
+def test_direct_flag(client: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:
+    """--direct on every client command (and bench) reaches the client; off by default."""
+    run(["put", "k", "v"], capsys)
+    assert client.instances[-1].direct is False
+    for argv in (["get", "k"], ["put", "k", "v"], ["delete", "k"], ["cas", "k", "v", "w"]):
+        run([*argv, "--direct", "--connect", "tcp:127.0.0.1:7000"], capsys)
+        assert (client.instances[-1].endpoint, client.instances[-1].direct) == (
+            "tcp:127.0.0.1:7000", True), argv
+    p = cli.build_parser()
+    assert p.parse_args(["bench", "--direct"]).direct is True
+    assert p.parse_args(["bench"]).direct is False
+    for command in ("get", "put", "delete", "cas", "bench"):
+        text = p._subparsers._group_actions[0].choices[command].format_help()
+        assert "--direct" in text and "head" in text, command
 
 
 def test_hex(client: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:
@@ -552,3 +569,30 @@ def test_child_env_finds_the_source_tree(monkeypatch: pytest.MonkeyPatch) -> Non
     ):
         assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_bench_counts_per_chain() -> None:
+    """Completed operations are counted by the chain owning each key (text and JSON)."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    from ckv.config import slot_of
+
+    client = FakeTxClient()
+    client.config = ClusterConfig(  # type: ignore[attr-defined]
+        1, (0, 1) * 8, (Chain(0, 1, (Member("a", "h", 1),)), Chain(1, 1, (Member("b", "h", 2),)))
+    )
+    run = bench._Run(Clock(), client, bench_args(duration=0.05, concurrency=2, keys=1000))
+    result = Deferred.fromCoroutine(run.measure()).result
+    per_chain = result["per_chain"]
+    assert set(per_chain) == {"0", "1"}
+    assert abs(sum(per_chain.values()) - result["ops_per_s"]) < 1.0
+    on_1 = sum(1 for _, k in client.calls if slot_of(k, 16) % 2 == 1)
+    share = per_chain["1"] / sum(per_chain.values())
+    assert abs(share - on_1 / len(client.calls)) < 0.001
+    json.dumps(result)
+    text = bench.format_result(result, "write")
+    assert "per chain: chain 0 " in text and "chain 1 " in text and "%)" in text
+    # No configuration (an old client): no per-chain figures.
+    plain = bench.summarize(bench.Recorder(latencies=[0.001]), 1.0)
+    assert "per_chain" not in plain and "per chain" not in bench.format_result(plain)
