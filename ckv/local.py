@@ -7,6 +7,12 @@ answers, prints where everything is, and supervises: Ctrl-C or SIGTERM stops
 every process (dispatcher, then the nodes, then the master); a process that
 dies on its own stops everything with a non-zero exit and its log tail.
 
+By default it runs 2 chains of 3 nodes (n1..n6; the keys' 1024 slots are
+shared between the chains).  --chains 1 --nodes 3 runs a single chain; with
+only --nodes N it runs N/3 chains (at least one), with only --chains N it
+runs 3 nodes per chain.  The shape is recorded in DATA/local.json: a later
+ckv local on the same data directory keeps it.
+
 Ports with the default --base-port 7000 (B below), all on 127.0.0.1:
 
     master      B        admin B+1
@@ -45,6 +51,10 @@ DESCRIPTION = __doc__.strip().split("\n", 2)[2] if __doc__ else ""
 HOST = "127.0.0.1"
 STOP_TIMEOUT = 10.0
 MAX_FIXED_NODES = 9
+DEFAULT_CHAINS = 2
+DEFAULT_CHAIN_LENGTH = 3
+#: The cluster's shape, kept in the data directory.
+SHAPE_FILE = "local.json"
 
 
 class LocalError(Exception):
@@ -54,10 +64,14 @@ class LocalError(Exception):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", "-d", default="./ckv-data", metavar="DIR",
                    help="where data and logs go (default: %(default)s)")
-    p.add_argument("--nodes", "-n", type=int, default=3, metavar="N",
-                   help="number of nodes (default: %(default)s)")
-    p.add_argument("--chains", type=int, default=1, metavar="N",
-                   help="number of chains; each gets NODES/CHAINS members (default: %(default)s)")
+    p.add_argument("--nodes", "-n", type=int, default=None, metavar="N",
+                   help=f"number of nodes (default: {DEFAULT_CHAIN_LENGTH} per chain, "
+                   f"{DEFAULT_CHAINS * DEFAULT_CHAIN_LENGTH} for the default "
+                   f"{DEFAULT_CHAINS} chains)")
+    p.add_argument("--chains", type=int, default=None, metavar="N",
+                   help=f"number of chains; each gets NODES/CHAINS members (default: "
+                   f"{DEFAULT_CHAINS}, or NODES/{DEFAULT_CHAIN_LENGTH} when only --nodes is "
+                   "given; a data directory keeps the shape it was created with)")
     p.add_argument("--base-port", "-p", type=int, default=7000, metavar="PORT",
                    help="first port of the layout above; 0 picks free ports (default: %(default)s)")
     p.add_argument("--sync", choices=["durable", "replicated"], default="durable",
@@ -344,6 +358,12 @@ def wait_until_serving(cluster: Cluster, master: str, dispatcher: str, timeout: 
             last = f"master: {e or type(e).__name__}"
             time.sleep(0.2)
             continue
+        if config.chains and len(config.chains) != layout.chains:
+            raise LocalError(
+                f"the master's data in {layout.data_dir} is a cluster of "
+                f"{len(config.chains)} chain(s), not {layout.chains}; use "
+                f"--chains {len(config.chains)} or another --data-dir"
+            )
         full = [c for c in config.chains if len(c.members) >= layout.chain_length]
         if len(full) < layout.chains:
             sizes = ", ".join(f"chain {c.chain_id}: {len(c.members)}" for c in config.chains)
@@ -399,8 +419,14 @@ def summary(cluster: Cluster, master_ep: str, dispatcher_ep: str) -> str:
                      f"{admin:>5}  {c.log}")
     admin_port = next((c.ports.get("admin") for c in cluster.children if c.role == "master"), None)
     env_needed = dispatcher_ep != _endpoint(7200) or master_ep != _endpoint(7000)
+    shape = (f"{layout.chains} chains of {layout.chain_length} nodes"
+             if layout.chains > 1 else f"1 chain of {layout.chain_length} node(s)")
+    spare = layout.nodes - layout.chains * layout.chain_length
+    if spare:
+        shape += f", {spare} spare node(s)"
     lines += [
         "",
+        f"  {shape}",
         f"  data: {layout.data_dir}   logs: {layout.logs_dir}",
         "",
         "Try:",
@@ -455,9 +481,57 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop(signum)
 
 
+def recorded_shape(data_dir: Path) -> tuple[int, int] | None:
+    """
+    (chains, nodes) of the cluster already in C{data_dir}: from its
+    L{SHAPE_FILE}, else (a data directory from before that file) one chain of
+    its n1, n2... directories; None for a new data directory.
+    """
+    try:
+        with open(data_dir / SHAPE_FILE, encoding="utf-8") as f:
+            shape = json.load(f)
+        return int(shape["chains"]), int(shape["nodes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if not (data_dir / "master").is_dir():
+        return None
+    nodes = 0
+    while (data_dir / f"n{nodes + 1}").is_dir():
+        nodes += 1
+    return 1, nodes or DEFAULT_CHAIN_LENGTH
+
+
+def choose_shape(
+    chains: int | None, nodes: int | None, recorded: tuple[int, int] | None
+) -> tuple[int, int]:
+    """(chains, nodes) from the flags given, the recorded shape and the defaults."""
+    if chains is None and nodes is None:
+        return recorded or (DEFAULT_CHAINS, DEFAULT_CHAINS * DEFAULT_CHAIN_LENGTH)
+    if chains is None:
+        assert nodes is not None
+        if recorded is not None and recorded[1] == nodes:
+            return recorded
+        return max(1, nodes // DEFAULT_CHAIN_LENGTH), nodes
+    if nodes is None:
+        if recorded is not None and recorded[0] == chains:
+            return recorded
+        return chains, chains * DEFAULT_CHAIN_LENGTH
+    return chains, nodes
+
+
 def validate(args: argparse.Namespace) -> Layout:
     from ckv.cli import UsageError
 
+    data_dir = Path(args.data_dir).resolve()
+    recorded = recorded_shape(data_dir)
+    args.chains, args.nodes = choose_shape(args.chains, args.nodes, recorded)
+    if recorded is not None and recorded[0] != args.chains:
+        raise UsageError(
+            f"local: {data_dir} holds a cluster of {recorded[0]} chain(s) and "
+            f"{recorded[1]} node(s); the number of chains is fixed when a cluster is "
+            f"created (run ckv local --chains {recorded[0]} --nodes {recorded[1]}, or "
+            "use another --data-dir)"
+        )
     if args.nodes < 1:
         raise UsageError("local: --nodes must be at least 1")
     if args.chains < 1 or args.chains > args.nodes:
@@ -477,7 +551,7 @@ def validate(args: argparse.Namespace) -> Layout:
     if args.start_timeout <= 0:
         raise UsageError("local: --start-timeout must be positive")
     return Layout(
-        data_dir=Path(args.data_dir).resolve(),
+        data_dir=data_dir,
         nodes=args.nodes,
         chains=args.chains,
         base_port=args.base_port,
@@ -500,6 +574,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for d in (layout.data_dir, layout.logs_dir, layout.run_dir):
         d.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(
+        str(layout.data_dir / SHAPE_FILE), {"chains": layout.chains, "nodes": layout.nodes}
+    )
 
     cluster = Cluster(layout, quiet=args.quiet)
     previous = {

@@ -99,7 +99,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     a = p.parse_args(["status"])
     assert (a.master, a.json) == ("tcp:127.0.0.1:7000", False)
     a = p.parse_args(["local"])
-    assert (a.data_dir, a.nodes, a.base_port, a.sync) == ("./ckv-data", 3, 7000, "durable")
+    assert (a.data_dir, a.nodes, a.chains, a.base_port, a.sync) == (
+        "./ckv-data", None, None, 7000, "durable")
     a = p.parse_args(["bench"])
     assert (a.workload, a.concurrency, a.keys, a.value_size, a.duration, a.read_ratio) == (
         "write", 32, 10000, 100, 10.0, 0.5)
@@ -394,8 +395,43 @@ def test_local_layout_default_ports(tmp_path: Path) -> None:
         assert n2.args[n2.args.index(flag) + 1] == value
     d = layout.dispatcher("tcp:127.0.0.1:7000")
     assert "tcp:7200:interface=127.0.0.1" in d.args and "tcp:7201:interface=127.0.0.1" in d.args
+    assert (layout.chains, layout.nodes, layout.chain_length) == (2, 6, 3)
+    assert m.args[m.args.index("--chains") + 1] == "2"
+    assert sorted(layout.fixed_ports()) == [7000, 7001, 7011, 7012, 7013, 7014, 7015, 7016,
+                                            7021, 7022, 7023, 7024, 7025, 7026, 7200, 7201]
+    layout = local_layout(["--data-dir", str(tmp_path), "--chains", "1", "--nodes", "3"])
+    assert (layout.chains, layout.nodes, layout.chain_length) == (1, 3, 3)
     assert sorted(layout.fixed_ports()) == [7000, 7001, 7011, 7012, 7013, 7021, 7022, 7023,
                                             7200, 7201]
+
+
+@pytest.mark.parametrize("argv, shape", [
+    ([], (2, 6)),
+    (["--nodes", "3"], (1, 3)),
+    (["--nodes", "1"], (1, 1)),
+    (["--nodes", "9"], (3, 9)),
+    (["--chains", "1"], (1, 3)),
+    (["--chains", "3"], (3, 9)),
+    (["--chains", "2", "--nodes", "4"], (2, 4)),
+])
+def test_local_shape(tmp_path: Path, argv: list[str], shape: tuple[int, int]) -> None:
+    layout = local_layout(["--data-dir", str(tmp_path), *argv])
+    assert (layout.chains, layout.nodes) == shape
+
+
+def test_local_keeps_the_shape_of_its_data(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A data directory keeps its number of chains: recorded, or one for an old one."""
+    (tmp_path / local.SHAPE_FILE).write_text('{"chains": 1, "nodes": 3}')
+    assert (local_layout(["--data-dir", str(tmp_path)]).chains, 1) == (1, 1)
+    assert local_layout(["--data-dir", str(tmp_path), "--nodes", "4"]).chains == 1
+    code, _, err = run(["local", "--data-dir", str(tmp_path), "--chains", "2"], capsys)
+    assert code == 2 and "holds a cluster of 1 chain(s)" in err
+    old = tmp_path / "old"
+    for d in ("master", "n1", "n2", "n3", "n4"):
+        (old / d).mkdir(parents=True)
+    layout = local_layout(["--data-dir", str(old)])
+    assert (layout.chains, layout.nodes) == (1, 4)
 
 
 def test_local_ephemeral_ports(tmp_path: Path) -> None:
@@ -405,7 +441,8 @@ def test_local_ephemeral_ports(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["--nodes", "0"], ["--nodes", "10"], ["--chains", "4"], ["--base-port", "65500"],
+    ["--nodes", "0"], ["--nodes", "10"], ["--chains", "4"], ["--nodes", "3", "--chains", "4"],
+    ["--chains", "0"], ["--base-port", "65500"],
     ["--failure-timeout", "0"], ["--start-timeout", "-1"],
 ])
 def test_local_bad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,9 @@
 """
-`ckv local` for real: it starts a master, three nodes and a dispatcher as
+`ckv local` for real: it starts a master, nodes and a dispatcher as
 processes on ephemeral ports, the `ckv` CLI talks to it, SIGINT (Ctrl-C)
 stops everything cleanly, and a second start on the same data directory
-gives back what was written.
+gives back what was written.  One chain of three (`--chains 1 --nodes 3`),
+and the default: two chains of three.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ def ckv(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
-def start_local(data_dir: str, ready: str) -> subprocess.Popen[str]:
+def start_local(data_dir: str, ready: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable, "-m", "ckv.cli", "local",
             "--data-dir", data_dir,
             "--base-port", "0",
             "--ready-file", ready,
+            *extra,
         ],
         cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -62,7 +64,7 @@ def stop_local(proc: subprocess.Popen[str]) -> str:
 def test_ckv_local_cli_and_clean_restart(tmp_path):
     data = str(tmp_path / "ckv-data")
     ready = str(tmp_path / "ready.json")
-    proc = start_local(data, ready)
+    proc = start_local(data, ready, "--chains", "1", "--nodes", "3")
     try:
         info = read_ready(ready, proc)
         conn = ["--connect", info["connect"]]
@@ -107,12 +109,65 @@ def test_ckv_local_cli_and_clean_restart(tmp_path):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
-    # Second start on the same data: nothing was lost.
+    # Second start on the same data (its shape is kept): nothing was lost.
     proc = start_local(data, ready)
     try:
         info = read_ready(ready, proc)
         r = ckv("get", "greeting", "--connect", info["connect"])
         assert (r.returncode, r.stdout.strip()) == (0, "hi"), r.stderr
+    finally:
+        stop_local(proc)
+
+
+def test_ckv_local_default_is_two_chains_of_three(tmp_path):
+    """The default shape; keys of both chains, through the dispatcher and --direct."""
+    from ckv.config import ClusterConfig, slot_of
+
+    data = str(tmp_path / "ckv-data")
+    ready = str(tmp_path / "ready.json")
+    proc = start_local(data, ready)
+    try:
+        info = read_ready(ready, proc)
+        assert sorted(info["nodes"]) == [f"n{i}" for i in range(1, 7)]
+        r = ckv("status", "--json", "--master", info["master_endpoint"])
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        chains = status["chains"]
+        assert [c["id"] for c in chains] == [0, 1]
+        assert all(len(c["nodes"]) == 3 for c in chains)
+        assert sorted(n for c in chains for n in c["nodes"]) == [f"n{i}" for i in range(1, 7)]
+        assert status["spares"] == []
+
+        # Keys on both chains, written through the dispatcher and directly
+        # (the configuration from the master), each read back both ways.
+        slots = [0] * status["slot_count"]
+        for c in chains:
+            for first, last in c["slots"]:
+                for s in range(first, last + 1):
+                    slots[s] = c["id"]
+        config = ClusterConfig(status["version"], tuple(slots), ())
+        keys = [f"key{i}" for i in range(8)]
+        owners = {k: config.slots[slot_of(k.encode())]
+                  for k in keys}
+        assert set(owners.values()) == {0, 1}
+        via = {
+            "dispatcher": ["--connect", info["connect"]],
+            "direct": ["--connect", info["master_endpoint"], "--direct"],
+        }
+        for i, k in enumerate(keys):
+            r = ckv("put", k, f"v{i}", *via["direct" if i % 2 else "dispatcher"])
+            assert (r.returncode, r.stdout.strip()) == (0, "OK"), r.stderr
+        for k in keys:
+            for how in via.values():
+                r = ckv("get", k, *how)
+                assert (r.returncode, r.stdout.strip()) == (0, f"v{keys.index(k)}"), r.stderr
+        # Each key is on the members of its own chain only.
+        for k in keys:
+            owner = chains[owners[k]]
+            for name, node in info["nodes"].items():
+                got = admin_command(node["admin"], f"get {k}")
+                expected = f"v{keys.index(k)}" if name in owner["nodes"] else "(not found)"
+                assert got.startswith(expected), (k, name, got)
     finally:
         stop_local(proc)
 
