@@ -32,8 +32,13 @@ FAST = ["--heartbeat-interval", "0.2", "--failure-timeout", "1.5"]
 FAULTS = ("kill", "pause", "master")
 
 
-def _chain(c: Cluster) -> list[str]:
-    return [m.name for m in c.config().chains[0].members]
+def _members(c: Cluster) -> list[str]:
+    """Every chain member, in every chain."""
+    return [m.name for chain in c.config().chains for m in chain.members]
+
+
+def _whole(c: Cluster) -> bool:
+    return all(len(chain.members) == c.chain_length for chain in c.config().chains)
 
 
 def run_nemesis(
@@ -42,12 +47,13 @@ def run_nemesis(
     seed: int,
     faults: tuple[str, ...] = FAULTS,
     log: Any = print,
+    chains: int = 1,
 ) -> dict[str, Any]:
     """Run one nemesis; returns the checker's verdict and what happened."""
     from ckv.testing.linearizability import check
 
     rng = random.Random(seed)
-    c = Cluster(workdir, master_args=FAST)
+    c = Cluster(workdir, nodes=3 * chains, chains=chains, master_args=FAST)
     history = os.path.join(workdir, "history.jsonl")
     events: list[str] = []
     try:
@@ -58,6 +64,7 @@ def run_nemesis(
                 sys.executable, "-m", "tests.historyload",
                 "--connect", c.dispatcher.endpoint,
                 "--duration", str(duration), "--seed", str(seed),
+                "--keys", str(4 * chains),
                 "--final-read", "--out", history,
             ],
             cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -69,14 +76,14 @@ def run_nemesis(
             fault = rng.choice(faults)
             t0 = time.monotonic()
             if fault == "kill":
-                victim = c.node(rng.choice(_chain(c)))
+                victim = c.node(rng.choice(_members(c)))
                 victim.kill()
                 events.append(f"{t0:.1f} kill {victim.name}")
                 time.sleep(rng.uniform(0.2, 2.5))
                 c.start_node(victim)
                 events.append(f"{time.monotonic():.1f} restart {victim.name}")
             elif fault == "pause":
-                victim = c.node(rng.choice(_chain(c)))
+                victim = c.node(rng.choice(_members(c)))
                 victim.signal(signal.SIGSTOP)
                 events.append(f"{t0:.1f} pause {victim.name}")
                 time.sleep(rng.uniform(0.5, 3.0))
@@ -89,8 +96,8 @@ def run_nemesis(
                 c.restart_master()
                 events.append(f"{time.monotonic():.1f} restart master")
             # Let the chain heal before the next fault: at most one at a time.
-            wait_for(lambda: len(_chain(c)) == 3 and _all_members_know(c), 60,
-                     "the chain to heal")  # fmt: skip
+            wait_for(lambda: _whole(c) and _all_members_know(c), 60,
+                     "the chains to heal")  # fmt: skip
         out, _ = load_proc.communicate(timeout=duration + 120)
         if load_proc.returncode != 0:
             raise AssertionError(f"workload failed: {out}")
@@ -110,11 +117,10 @@ def run_nemesis(
 
 
 def _all_members_know(c: Cluster) -> bool:
-    cfg = c.config()
-    epoch = str(cfg.chains[0].epoch)
     return all(
-        parse_kv(c.node(m.name).admin("status")).get("epoch") == epoch
-        for m in cfg.chains[0].members
+        parse_kv(c.node(m.name).admin("status")).get("epoch") == str(chain.epoch)
+        for chain in c.config().chains
+        for m in chain.members
     )
 
 
@@ -124,9 +130,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--faults", default=",".join(FAULTS))
+    ap.add_argument("--chains", type=int, default=1)
     args = ap.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="ckv-nemesis-")
-    r = run_nemesis(workdir, args.duration, args.seed, tuple(args.faults.split(",")))
+    r = run_nemesis(
+        workdir, args.duration, args.seed, tuple(args.faults.split(",")), chains=args.chains
+    )
     print(json.dumps({k: v for k, v in r.items() if k != "result"}, indent=2))
     if not r["ok"]:
         print(r["result"])
