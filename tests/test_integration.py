@@ -167,7 +167,7 @@ def test_admin_consoles(cluster):
     assert st["role"] == "head" and st["successor"] == "n2"
     assert parse_kv(cluster.nodes[2].admin("status"))["role"] == "tail"
     chains = cluster.master.admin("chains")
-    assert "n1 -> n2 -> n3" in chains and "serving" in chains
+    assert "n1 -> n2 -> n3" in chains and "serving" in chains and "0-1023" in chains
     nodes = cluster.master.admin("nodes")
     for n in ("n1", "n2", "n3"):
         assert n in nodes

@@ -12,6 +12,20 @@ if TYPE_CHECKING:
     from ckv.master.service import MasterService
 
 
+def _slots_summary(slots: list[int]) -> str:
+    """A short description of a chain's slots: a range, or every Nth slot."""
+    if not slots:
+        return "none"
+    if len(slots) == 1:
+        return str(slots[0])
+    step = slots[1] - slots[0]
+    if all(b - a == step for a, b in zip(slots, slots[1:], strict=False)):
+        if step == 1:
+            return f"{slots[0]}-{slots[-1]}"
+        return f"{len(slots)} ({slots[0]}, {slots[1]}, ... {slots[-1]})"
+    return f"{len(slots)} slots"
+
+
 def master_admin_factory(master: MasterService) -> ServerFactory:
     def status(args: list[str]) -> str:
         return format_kv(list(master.status().items()))
@@ -26,17 +40,19 @@ def master_admin_factory(master: MasterService) -> ServerFactory:
         )
 
     def chains(args: list[str]) -> str:
+        slots = master.state.slots()
         rows = [
             [
                 str(c["id"]),
                 str(c["epoch"]),
                 c["state"],
+                _slots_summary([s for s, owner in enumerate(slots) if owner == c["id"]]),
                 (" -> ".join(c["members"]) or "-")
                 + (f"  (+ {c['joining']} joining)" if c["joining"] else ""),
             ]
             for c in master.state.describe()
         ]
-        return format_table(rows, ["chain", "epoch", "state", "members (head -> tail)"])
+        return format_table(rows, ["chain", "epoch", "state", "slots", "members (head -> tail)"])
 
     def nodes(args: list[str]) -> str:
         now = master.clock()
