@@ -27,8 +27,8 @@ from typing import Any
 from tests.harness import REPO, Cluster, env, parse_kv, wait_for
 from tests.historyload import load
 
-#: Heartbeats every 0.2 s, failure declared after 1.5 s (read lease 1.1 s).
-FAST = ["--heartbeat-interval", "0.2", "--failure-timeout", "1.5"]
+#: Heartbeats every 0.2 s, failure declared after 2 s (read lease 1.6 s).
+FAST = ["--heartbeat-interval", "0.2", "--failure-timeout", "2"]
 FAULTS = ("kill", "pause", "master")
 
 

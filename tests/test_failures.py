@@ -18,8 +18,8 @@ from tests.test_integration import acked, start_workload, verify
 pytestmark = pytest.mark.integration
 
 #: Fast failure detection for tests: heartbeats every 0.2 s, declared failed
-#: after 1.5 s of silence (the read lease is then 1.1 s).
-FAST = ["--heartbeat-interval", "0.2", "--failure-timeout", "1.5"]
+#: after 2 s of silence (the read lease is then 1.6 s).
+FAST = ["--heartbeat-interval", "0.2", "--failure-timeout", "2"]
 
 
 def chain_names(c: Cluster) -> list[str]:

@@ -35,7 +35,7 @@ from tests.harness import (
 
 pytestmark = pytest.mark.integration
 
-MASTER_ARGS = ["--heartbeat-interval", "0.2", "--failure-timeout", "1.5"]
+MASTER_ARGS = ["--heartbeat-interval", "0.2", "--failure-timeout", "2"]
 
 
 def multicheck(*args: str, timeout: float = 120) -> dict:
