@@ -44,13 +44,14 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def start_cluster(workdir: str, sync: str) -> tuple[subprocess.Popen[bytes], dict]:
+def start_cluster(workdir: str, sync: str, chains: int) -> tuple[subprocess.Popen[bytes], dict]:
     ready = os.path.join(workdir, "ready.json")
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "ckv.cli", "local", "-q",
             "--data-dir", os.path.join(workdir, "data"),
             "--base-port", "0", "--sync", sync, "--ready-file", ready,
+            "--chains", str(chains), "--nodes", str(3 * chains),
         ],
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -67,12 +68,15 @@ def start_cluster(workdir: str, sync: str) -> tuple[subprocess.Popen[bytes], dic
     raise SystemExit("ckv local did not become ready within 60 s")
 
 
-def bench(connect: str, workload: str, duration: float, concurrency: int) -> dict:
+def bench(
+    connect: str, workload: str, duration: float, concurrency: int, direct: bool
+) -> dict:
     out = subprocess.run(
         [
             sys.executable, "-m", "ckv.cli", "bench", "--json", "-q",
             "--connect", connect, "--workload", workload,
             "--duration", str(duration), "--concurrency", str(concurrency),
+            *(["--direct"] if direct else []),
         ],
         env=_env(), capture_output=True, text=True, timeout=duration * 3 + 120,
     )  # fmt: skip
@@ -86,16 +90,21 @@ def main() -> None:
     ap.add_argument("--sync", choices=["durable", "replicated", "both"], default="both")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--chains", type=int, default=1, help="chains of 3 (default 1)")
+    ap.add_argument("--direct", action="store_true", help="clients talk to heads and tails")
     args = ap.parse_args()
     modes = ["durable", "replicated"] if args.sync == "both" else [args.sync]
-    print(f"# chain of 3 on loopback, {os.cpu_count()} cores, {args.concurrency} in flight, "
-          f"100-byte values, {args.duration:g} s per workload")  # fmt: skip
+    print(f"# {args.chains} chain(s) of 3 on loopback, {os.cpu_count()} cores, "
+          f"{args.concurrency} in flight, 100-byte values, {args.duration:g} s per workload, "
+          f"{'direct' if args.direct else 'through the dispatcher'}")  # fmt: skip
     for sync in modes:
         with tempfile.TemporaryDirectory(prefix="ckv-bench-") as work:
-            proc, info = start_cluster(work, sync)
+            proc, info = start_cluster(work, sync, args.chains)
             try:
                 for workload in ("write", "read"):
-                    r = bench(info["connect"], workload, args.duration, args.concurrency)
+                    r = bench(
+                        info["connect"], workload, args.duration, args.concurrency, args.direct
+                    )
                     print(
                         f"{sync:10s} {workload:5s} {r['ops_per_s']:9.0f} ops/s  "
                         f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "

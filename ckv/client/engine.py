@@ -105,7 +105,10 @@ class _Pending:
     interval: float
     backoff: float
     deferred: Deferred[tuple[Status, bytes]] = field(repr=False)
-    deadline: IDelayedCall | None = field(default=None, repr=False)
+    #: When the request fails with Unavailable (clock seconds).
+    expires_at: float = 0.0
+    #: The one timer of a request: resend, retry after a backoff, or expire,
+    #: whichever is due first.
     timer: IDelayedCall | None = field(default=None, repr=False)
     #: True while the frame is out and we wait for its reply.
     sent: bool = False
@@ -217,7 +220,7 @@ class RequestEngine:
             deferred=Deferred(lambda d: self._cancel(request_id)),
         )
         self._pending[request_id] = p
-        p.deadline = self.clock.callLater(timeout, self._expire, p)
+        p.expires_at = self.clock.seconds() + timeout
         self._attempt(p)
         return p.deferred
 
@@ -226,13 +229,24 @@ class RequestEngine:
         self._stop_timer(p)
         if self._pending.get(p.request_id) is not p:
             return
+        if self.clock.seconds() >= p.expires_at:
+            self._expire(p)
+            return
         if self.path.transmit(p.key, p.frame):
             p.sent = True
             p.sends += 1
-            p.timer = self.clock.callLater(p.interval, self._silence, p)
+            self._arm(p, p.interval, self._silence)
         else:
             p.sent = False
             self._retry_later(p)
+
+    def _arm(self, p: _Pending, delay: float, action: Callable[[_Pending], None]) -> None:
+        """One timer per request: C{action} after C{delay}, or expiry if sooner."""
+        left = p.expires_at - self.clock.seconds()
+        if left <= delay:
+            p.timer = self.clock.callLater(max(0.0, left), self._expire, p)
+        else:
+            p.timer = self.clock.callLater(delay, action, p)
 
     def _silence(self, p: _Pending) -> None:
         p.timer = None
@@ -245,7 +259,7 @@ class RequestEngine:
 
     def _retry_later(self, p: _Pending) -> None:
         self._stop_timer(p)
-        p.timer = self.clock.callLater(p.backoff, self._attempt, p)
+        self._arm(p, p.backoff, self._attempt)
         p.backoff = min(p.backoff * 2, self.max_backoff)
 
     @staticmethod
@@ -319,13 +333,10 @@ class RequestEngine:
     def _finish(self, p: _Pending) -> None:
         del self._pending[p.request_id]
         self._stop_timer(p)
-        if p.deadline is not None and p.deadline.active():
-            p.deadline.cancel()
-        p.deadline = None
         self._release_lane(p.lane)
 
     def _expire(self, p: _Pending) -> None:
-        p.deadline = None
+        p.timer = None
         if self._pending.get(p.request_id) is not p:
             return
         self._finish(p)
