@@ -15,7 +15,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ckv import wire
@@ -264,6 +265,19 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(p.log() for p in self.processes)
+
+
+@contextmanager
+def running(cluster: Cluster) -> Iterator[Cluster]:
+    """Start C{cluster}; on any failure print every process's log; always stop it."""
+    try:
+        cluster.start()
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
 
 
 # -- blocking wire helpers -------------------------------------------------------

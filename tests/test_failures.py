@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.harness import Cluster, parse_kv, wait_for
+from tests.harness import Cluster, parse_kv, running, wait_for
 from tests.test_integration import acked, start_workload, verify
 
 pytestmark = pytest.mark.integration
@@ -50,9 +50,7 @@ def identical(c: Cluster, names: list[str]) -> None:
 
 @pytest.mark.parametrize("victims", [["n3"], ["n2"], ["n1"], ["n3", "n1"]])
 def test_killed_members_are_removed_and_no_acknowledged_write_is_lost(tmp_path, victims):
-    c = Cluster(str(tmp_path), master_args=FAST)
-    try:
-        c.start()
+    with running(Cluster(str(tmp_path), master_args=FAST)) as c:
         out = str(tmp_path / "acked")
         w = start_workload(c, out, count=2500, concurrency=8)
         survivors = ["n1", "n2", "n3"]
@@ -76,11 +74,6 @@ def test_killed_members_are_removed_and_no_acknowledged_write_is_lost(tmp_path, 
         # The survivors know their new roles.
         head = parse_kv(c.node(survivors[0]).admin("status"))
         assert head["role"] in ("head", "head+tail")
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_a_paused_tail_is_removed_and_comes_back_as_a_new_member(tmp_path):
@@ -89,9 +82,7 @@ def test_a_paused_tail_is_removed_and_comes_back_as_a_new_member(tmp_path):
     (its lease ran out before that, so it answered no read meanwhile); awake,
     it learns the new epoch, and comes back only through a state transfer.
     """
-    c = Cluster(str(tmp_path), master_args=FAST)
-    try:
-        c.start()
+    with running(Cluster(str(tmp_path), master_args=FAST)) as c:
         out = str(tmp_path / "acked")
         w = start_workload(c, out, count=2000, concurrency=8)
         wait_for(lambda: len(acked(out)) >= 300, what="writes to flow")
@@ -111,17 +102,10 @@ def test_a_paused_tail_is_removed_and_comes_back_as_a_new_member(tmp_path):
         result = verify(c, out)
         assert result["missing"] == [] and result["wrong"] == []
         identical(c, ["n1", "n2", "n3"])
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_a_failure_while_the_master_is_down_is_handled_once_it_is_back(tmp_path):
-    c = Cluster(str(tmp_path), master_args=FAST)
-    try:
-        c.start()
+    with running(Cluster(str(tmp_path), master_args=FAST)) as c:
         c.master.kill()
         c.node("n2").kill()
         c.restart_master()
@@ -132,18 +116,11 @@ def test_a_failure_while_the_master_is_down_is_handled_once_it_is_back(tmp_path)
         w = start_workload(c, out, count=300, concurrency=8)
         assert w.wait(60) == 0, w.stdout.read()
         assert len(acked(out)) == 300
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_a_restarted_node_rejoins_at_the_tail_by_state_transfer_under_writes(tmp_path):
     """Kill the tail, let the chain shrink, restart it: it catches up and is tail again."""
-    c = Cluster(str(tmp_path), master_args=FAST)
-    try:
-        c.start()
+    with running(Cluster(str(tmp_path), master_args=FAST)) as c:
         out = str(tmp_path / "acked")
         w = start_workload(c, out, count=4000, concurrency=8)
         wait_for(lambda: len(acked(out)) >= 500, what="writes to flow")
@@ -164,17 +141,10 @@ def test_a_restarted_node_rejoins_at_the_tail_by_state_transfer_under_writes(tmp
         assert "holds the snapshot at seq" in log
         with open(c.node("n2").log_path) as f:
             assert "snapshot at seq" in f.read()
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_a_new_node_extends_a_short_chain(tmp_path):
-    c = Cluster(str(tmp_path), master_args=FAST)
-    try:
-        c.start()
+    with running(Cluster(str(tmp_path), master_args=FAST)) as c:
         out = str(tmp_path / "acked")
         w = start_workload(c, out, count=1500, concurrency=8)
         wait_for(lambda: len(acked(out)) >= 300, what="writes to flow")
@@ -188,21 +158,14 @@ def test_a_new_node_extends_a_short_chain(tmp_path):
         result = verify(c, out)
         assert result["missing"] == [] and result["wrong"] == []
         identical(c, ["n1", "n3", "n4"])
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_a_member_restarted_with_a_wiped_store_never_serves_from_it(tmp_path):
     """Same name, empty data directory: taken out at once, back only by state transfer."""
     import shutil
 
-    c = Cluster(str(tmp_path), master_args=["--heartbeat-interval", "0.2",
-                                            "--failure-timeout", "8"])  # fmt: skip
-    try:
-        c.start()
+    slow = ["--heartbeat-interval", "0.2", "--failure-timeout", "8"]
+    with running(Cluster(str(tmp_path), master_args=slow)) as c:
         out = str(tmp_path / "acked")
         w = start_workload(c, out, count=600, concurrency=8)
         assert w.wait(60) == 0, w.stdout.read()
@@ -216,8 +179,3 @@ def test_a_member_restarted_with_a_wiped_store_never_serves_from_it(tmp_path):
         result = verify(c, out)
         assert result["missing"] == [] and result["wrong"] == []
         identical(c, ["n1", "n2", "n3"])
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()

@@ -19,6 +19,7 @@ from ckv.chain.replica import (
     HelloRefused,
     Replica,
 )
+from ckv.config import Chain
 from ckv.entry import Entry
 from ckv.storage import Store, session_key
 from ckv.wire import ErrorCode, MessageType, Op, Status
@@ -33,6 +34,7 @@ from tests.fakes import (
     delete,
     get,
     make_chain,
+    member,
     put,
     reply_of,
     seqs_of,
@@ -940,3 +942,30 @@ def test_random_schedule_keeps_invariants(seed, length):
     got = h.reply_statuses()
     assert first_replies(got) == first_replies(replies)
     assert set(got) == set(replies)
+
+
+def test_a_fence_that_comes_before_the_promotion_is_not_lost():
+    """The old tail learns first and sends FENCE; the joiner learns it is tail later."""
+    store = FakeStore()
+    r = Replica("j", store)
+    joining = Chain(0, 5, (member("a"), member("t")), (member("j"),))
+    r.on_config(joining)
+    assert r.role == "joining"
+    promoted = Chain(0, 6, (member("a"), member("t"), member("j")))
+    r.on_fence(6, 0)  # FENCE of the new epoch, before our CONFIG
+    r.on_config(promoted)
+    assert r.role == "tail"
+    actions = r.on_query(get(b"k"))
+    assert reply_of(actions[0])[2] == Status.NOT_FOUND  # served: nothing to wait for
+
+
+def test_a_promoted_tail_waits_for_its_fence():
+    store = FakeStore()
+    r = Replica("j", store)
+    r.on_config(Chain(0, 5, (member("a"), member("t")), (member("j"),)))
+    r.on_config(Chain(0, 6, (member("a"), member("t"), member("j"))))
+    (a,) = r.on_query(get(b"k"))
+    assert reply_of(a)[2] == Status.UNAVAILABLE
+    r.on_fence(6, 0)
+    (a,) = r.on_query(get(b"k"))
+    assert reply_of(a)[2] == Status.NOT_FOUND

@@ -124,6 +124,9 @@ class Replica:
         #: predecessor's FENCE marker.
         self.read_fence: int | None = None
         self._tail_since_epoch = 0
+        #: The latest FENCE (epoch, seq) received, kept in case it arrives
+        #: before the configuration that makes us the tail.
+        self._fence_seen: tuple[int, int] | None = None
         self._lease_ok = lease_ok or (lambda: True)
         # Counters for stats.
         self.updates_decided = 0
@@ -204,6 +207,9 @@ class Replica:
             if was_joining:
                 # Promoted: the old tail may have answered entries we lack.
                 self.read_fence = FENCE_PENDING
+                # Its FENCE may have come before this configuration did.
+                if self._fence_seen is not None and self._fence_seen[0] >= self.epoch:
+                    self.read_fence = self._fence_seen[1]
             elif self.sent and self.successor is None:
                 # Our successor is gone: every entry in sent is now at the tail.
                 actions += self._replies_for(self.sent)
@@ -229,6 +235,8 @@ class Replica:
 
     def on_fence(self, epoch: int, seq: int) -> None:
         """The predecessor has sent us everything up to C{seq}."""
+        if self._fence_seen is None or epoch >= self._fence_seen[0]:
+            self._fence_seen = (epoch, seq)
         if self.read_fence is not None and epoch >= self._tail_since_epoch:
             self.read_fence = seq
 
