@@ -284,3 +284,19 @@ def test_a_member_back_with_its_data_keeps_its_place():
     s.heartbeat("n2", 1.0, committed_seq=80)
     assert s.register("n2", "127.0.0.1", 9002, now=2.0, chain_id=0, committed_seq=80)
     assert members(s) == ["n1", "n2", "n3"]
+
+
+def test_a_spare_goes_to_the_chain_that_most_needs_a_member():
+    s = MasterState(chains=2, chain_length=3)
+    for i in range(6):
+        s.register(f"n{i + 1}", "h", 7000 + i, now=0.0)
+    c0 = [c for c in s.chains if c.chain_id == 0][0]
+    c1 = [c for c in s.chains if c.chain_id == 1][0]
+    for name in list(c1.members[:2]):  # chain 1 loses two members
+        s.remove(name)
+    s.remove(c0.members[0])  # chain 0 loses one
+    s.register("fresh", "h", 9000, now=1.0)
+    for name in s.spares:
+        s.heartbeat(name, 1.0)
+    started = s.plan_joins(1.0, timeout=5.0)
+    assert started[0][0] == 1  # chain 1 (one member left) is served first

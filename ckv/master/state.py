@@ -207,7 +207,8 @@ class MasterState:
         (chain id, node) pairs started.
         """
         started = []
-        for c in self.chains:
+        # The chain that most needs a member first.
+        for c in sorted(self.chains, key=lambda c: (len(c.members), c.chain_id)):
             if not c.formed or c.joining is not None or len(c.members) >= self.chain_length:
                 continue
             live = [n for n in self.spares if now - self.last_seen.get(n, -1e18) <= timeout]
