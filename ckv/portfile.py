@@ -136,14 +136,15 @@ def wait_port_file(
             if data is not None and data.get("pid") == proc.pid:
                 return data
             raise ProcessExited(
-                _message(f"process {proc.pid} exited with status {proc.returncode} "
-                         f"before writing {path}", log_paths),
+                _message(
+                    f"process {proc.pid} exited with status {proc.returncode} "
+                    f"before writing {path}",
+                    log_paths,
+                ),
                 proc.returncode,
             )
         if time.monotonic() >= deadline:
-            raise PortFileTimeout(
-                _message(f"no port file at {path} after {timeout:g}s", log_paths)
-            )
+            raise PortFileTimeout(_message(f"no port file at {path} after {timeout:g}s", log_paths))
         time.sleep(interval)
 
 
@@ -157,6 +158,30 @@ def _message(head: str, log_paths: list[str]) -> str:
 # These live here, next to the port-file contract, because every role's
 # command line shares them; nothing below opens a socket or imports the
 # reactor.
+
+
+def check_role_endpoints(options: Any, client: tuple[str, ...] = ()) -> None:
+    """
+    The checks every role's C{postOptions} shares: normalize and check the
+    server endpoints C{--listen} and C{--admin}, check the client endpoints
+    named in C{client}, and turn an empty C{--port-file} into None.
+
+    @raise twisted.python.usage.UsageError: with the first problem found.
+    """
+    from twisted.python.usage import UsageError
+
+    for option in ("listen", "admin"):
+        if options[option] is not None:
+            options[option] = normalize_server_endpoint(options[option])
+            error = check_server_endpoint(option, options[option])
+            if error:
+                raise UsageError(error)
+    for option in client:
+        error = check_client_endpoint(option, options[option])
+        if error:
+            raise UsageError(error)
+    if options["port-file"] == "":
+        options["port-file"] = None
 
 
 def normalize_server_endpoint(description: str) -> str:

@@ -16,13 +16,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from ckv.portfile import (
-    check_client_endpoint,
-    check_host_port,
-    check_name,
-    check_server_endpoint,
-    normalize_server_endpoint,
-)
+from ckv.portfile import check_host_port, check_name, check_role_endpoints
 
 DEFAULT_MASTER = "tcp:127.0.0.1:7000"
 
@@ -80,17 +74,7 @@ class Options(usage.Options):
             raise usage.UsageError(error)
         if not self["data-dir"]:
             raise usage.UsageError("--data-dir must not be empty")
-        self["listen"] = normalize_server_endpoint(self["listen"])
-        if self["admin"] is not None:
-            self["admin"] = normalize_server_endpoint(self["admin"])
-        for option in ("listen", "admin"):
-            if self[option] is not None:
-                error = check_server_endpoint(option, self[option])
-                if error:
-                    raise usage.UsageError(error)
-        error = check_client_endpoint("master", self["master"])
-        if error:
-            raise usage.UsageError(error)
+        check_role_endpoints(self, client=("master",))
         if self["sync"] not in SYNC_MODES:
             raise usage.UsageError(
                 f"--sync: unknown mode {self['sync']!r}; choose one of " + ", ".join(SYNC_MODES)
@@ -99,8 +83,6 @@ class Options(usage.Options):
             error = check_host_port("advertise", self["advertise"])
             if error:
                 raise usage.UsageError(error)
-        if self["port-file"] == "":
-            self["port-file"] = None
 
 
 def serviceKwargs(options: Options) -> dict[str, Any]:

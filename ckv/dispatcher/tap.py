@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from ckv.portfile import check_client_endpoint, check_server_endpoint, normalize_server_endpoint
+from ckv.portfile import check_role_endpoints
 
 DEFAULT_LISTEN = "tcp:7200:interface=127.0.0.1"
 DEFAULT_MASTER = "tcp:127.0.0.1:7000"
@@ -33,24 +33,16 @@ class Options(usage.Options):
         ["listen", "l", DEFAULT_LISTEN, "Server endpoint for clients."],
         ["master", "m", DEFAULT_MASTER, "Client endpoint of the master."],
         ["admin", "a", None, "Server endpoint of the admin console (default: no console)."],
-        ["port-file", None, None,
-         'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.'],
+        [
+            "port-file",
+            None,
+            None,
+            'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.',
+        ],
     ]
 
     def postOptions(self) -> None:
-        self["listen"] = normalize_server_endpoint(self["listen"])
-        if self["admin"] is not None:
-            self["admin"] = normalize_server_endpoint(self["admin"])
-        for option in ("listen", "admin"):
-            if self[option] is not None:
-                error = check_server_endpoint(option, self[option])
-                if error:
-                    raise usage.UsageError(error)
-        error = check_client_endpoint("master", self["master"])
-        if error:
-            raise usage.UsageError(error)
-        if self["port-file"] == "":
-            self["port-file"] = None
+        check_role_endpoints(self, client=("master",))
 
 
 def serviceKwargs(options: Options) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from ckv.portfile import check_server_endpoint, normalize_server_endpoint
+from ckv.portfile import check_role_endpoints
 
 DEFAULT_LISTEN = "tcp:7000:interface=127.0.0.1"
 DEFAULT_DATA_DIR = "./ckv-data/master"
@@ -71,14 +71,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        self["listen"] = normalize_server_endpoint(self["listen"])
-        if self["admin"] is not None:
-            self["admin"] = normalize_server_endpoint(self["admin"])
-        for option in ("listen", "admin"):
-            if self[option] is not None:
-                error = check_server_endpoint(option, self[option])
-                if error:
-                    raise usage.UsageError(error)
+        check_role_endpoints(self)
         if not self["data-dir"]:
             raise usage.UsageError("--data-dir must not be empty")
         for option in ("chains", "chain-length"):
@@ -92,8 +85,6 @@ class Options(usage.Options):
                 f"--failure-timeout ({self['failure-timeout']:g}s) must be longer than "
                 f"--heartbeat-interval ({self['heartbeat-interval']:g}s)"
             )
-        if self["port-file"] == "":
-            self["port-file"] = None
 
 
 def serviceKwargs(options: Options) -> dict[str, Any]:
