@@ -67,6 +67,34 @@ async def roundtrip_twisted(reactor: Any, endpoint: str) -> dict[str, Any]:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in out.items()}
 
 
+async def check_acked(
+    client: Any, acked: list[int], prefix: str, timeout: float | None = None
+) -> dict[str, Any]:
+    """
+    Read every acknowledged key C{prefix}<i> (200 at a time) and compare it
+    with the value the workloads write, "v<i>".  Closes the client.
+    """
+    missing: list[int] = []
+    wrong: list[int] = []
+    try:
+        for start in range(0, len(acked), 200):
+            chunk = acked[start : start + 200]
+            values = await defer.gatherResults(
+                [
+                    defer.ensureDeferred(client.get(f"{prefix}{i}".encode(), timeout=timeout))
+                    for i in chunk
+                ]
+            )
+            for i, v in zip(chunk, values, strict=True):
+                if v is None:
+                    missing.append(i)
+                elif v != f"v{i}".encode():
+                    wrong.append(i)
+    finally:
+        await client.close()
+    return {"checked": len(acked), "missing": missing, "wrong": wrong}
+
+
 async def verify(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     from ckv.client import connect
 
@@ -77,25 +105,7 @@ async def verify(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             if line and not line.startswith("?"):
                 acked.append(int(line))
     c = await connect(reactor, args.connect, timeout=args.timeout)
-    missing: list[int] = []
-    wrong: list[int] = []
-    try:
-        for start in range(0, len(acked), 200):
-            chunk = acked[start : start + 200]
-            values = await defer.gatherResults(
-                [
-                    defer.ensureDeferred(c.get(f"{args.prefix}{i}".encode(), timeout=args.timeout))
-                    for i in chunk
-                ]
-            )
-            for i, v in zip(chunk, values, strict=True):
-                if v is None:
-                    missing.append(i)
-                elif v != f"v{i}".encode():
-                    wrong.append(i)
-    finally:
-        await c.close()
-    return {"checked": len(acked), "missing": missing, "wrong": wrong}
+    return await check_acked(c, acked, args.prefix, args.timeout)
 
 
 def main() -> None:

@@ -116,24 +116,10 @@ def read_acked(path: str) -> dict[int, float]:
 
 
 async def verify(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from tests.clientcheck import check_acked
+
     acked = sorted(read_acked(args.acked))
-    c = await connect(reactor, args)
-    missing: list[int] = []
-    wrong: list[int] = []
-    try:
-        for start in range(0, len(acked), 200):
-            chunk = acked[start : start + 200]
-            values = await defer.gatherResults(
-                [defer.ensureDeferred(c.get(f"{args.prefix}{i}".encode())) for i in chunk]
-            )
-            for i, v in zip(chunk, values, strict=True):
-                if v is None:
-                    missing.append(i)
-                elif v != f"v{i}".encode():
-                    wrong.append(i)
-    finally:
-        await c.close()
-    return {"checked": len(acked), "missing": missing, "wrong": wrong}
+    return await check_acked(await connect(reactor, args), acked, args.prefix)
 
 
 def main() -> None:

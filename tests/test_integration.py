@@ -28,6 +28,7 @@ from tests.harness import (
     parse_kv,
     recv_frame,
     replica_get,
+    running,
     send_frame,
     wait_for,
 )
@@ -102,15 +103,8 @@ def replicas_identical(cluster: Cluster) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(str(tmp_path_factory.mktemp("cluster")))
-    try:
-        c.start()
+    with running(Cluster(str(tmp_path_factory.mktemp("cluster")))) as c:
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_both_clients_roundtrip(cluster):

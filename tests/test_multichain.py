@@ -30,6 +30,7 @@ from tests.harness import (
     Process,
     env,
     replica_get,
+    running,
     wait_for,
 )
 
@@ -78,15 +79,9 @@ def verify(endpoint: str, path: str, prefix: str, *extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(str(tmp_path_factory.mktemp("multi")), nodes=6, chains=2, master_args=MASTER_ARGS)
-    try:
-        c.start()
+    workdir = str(tmp_path_factory.mktemp("multi"))
+    with running(Cluster(workdir, nodes=6, chains=2, master_args=MASTER_ARGS)) as c:
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_two_chains_of_three_share_the_slots(cluster):
