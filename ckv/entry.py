@@ -6,8 +6,6 @@ from typing import Any
 
 from ckv import wire
 
-_CompiledEntry = wire.Entry.compile()
-
 
 class Entry:
     """
@@ -66,12 +64,22 @@ class Entry:
         list and for forwarding).  Built once, then reused.
         """
         if self.raw is None:
-            self.raw = _CompiledEntry.build(self.to_wire())
+            self.raw = wire.encode_entry(
+                self.seq,
+                self.client_id,
+                self.lane,
+                self.request_id,
+                self.op,
+                self.status,
+                self.key,
+                self.value,
+            )
         return self.raw
 
     @classmethod
     def decode(cls, raw: bytes) -> Entry:
-        return cls.from_wire(_CompiledEntry.parse(raw), raw)
+        """An entry from its bytes (as kept in the sent list)."""
+        return cls.from_wire(wire.ENTRY_CODEC.decode(raw), raw)
 
     @property
     def size(self) -> int:

@@ -271,7 +271,7 @@ def test_bad_ops():
     r, _ = single()
     for op in (Op.NOOP, 77):
         body = put(b"k", b"v")
-        body.op = int(op)
+        body = body._replace(op=int(op))
         (a,) = r.on_client_update(body, "conn")
         assert error_of(a)[0] == Status.BAD_REQUEST
     (a,) = r.on_query(get(b"k" * (wire.MAX_KEY + 1)), "conn")

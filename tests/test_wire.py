@@ -34,7 +34,14 @@ BUILD_ERRORS = (ConstructError, struct.error, IndexError, ValueError)
 
 
 def plain(obj):
-    """A construct result as plain dicts and lists, without C{_io} and such."""
+    """
+    A decoded value as plain dicts and lists: construct results without
+    C{_io} and such, and the named tuples of the hot-path decoders (an
+    UPDATES body's C{raws}, the entries' own bytes, are checked apart, in
+    test_updates_raws_are_the_entries).
+    """
+    if hasattr(obj, "_asdict"):
+        return {k: plain(v) for k, v in obj._asdict().items() if k != "raws"}
     if isinstance(obj, dict):
         return {k: plain(v) for k, v in obj.items() if not k.startswith("_")}
     if isinstance(obj, (list, tuple, ListContainer)):

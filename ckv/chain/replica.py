@@ -452,14 +452,13 @@ class Replica:
         self.forward_cursor = None
 
     def on_updates(
-        self, epoch: int, entries: list[Any], frame: bytes | None = None
+        self, epoch: int, entries: list[Any], raws: list[bytes] | None = None
     ) -> list[Action]:
         """
         Updates from the predecessor, in seq order (duplicates ignored, gaps
-        held).  C{frame}, the UPDATES frame they came in, lets the entries
-        keep their encoded bytes for the sent list and the next hop.
+        held).  C{raws}, each entry's bytes in the UPDATES frame they came
+        in, lets the entries keep them for the sent list and the next hop.
         """
-        raws = wire.entry_slices(frame, entries) if frame is not None else None
         for i, c in enumerate(entries):
             seq = c.seq
             if seq <= self.applied_seq:
@@ -491,9 +490,7 @@ class Replica:
     def _ack_upstream(self, seq: int) -> list[Action]:
         if self.predecessor is None:
             return []
-        return [
-            Action(TO_PREDECESSOR, wire.encode(wire.MessageType.ACK, epoch=self.epoch, seq=seq))
-        ]
+        return [Action(TO_PREDECESSOR, wire.ack(self.epoch, seq))]
 
     # -- accepting and committing ------------------------------------------
 

@@ -59,11 +59,18 @@ class NodeProtocol(FrameProtocol):
         self.is_predecessor = False
 
     def dataReceived(self, data: bytes) -> None:
-        # Decide on every frame of this read first, then commit them as one
-        # batch (group commit): one transaction and one forwarded frame for
-        # everything that arrived together.
+        # Decide on the frames of this read, then commit them as one batch
+        # (group commit): one transaction and one forwarded frame for
+        # everything that arrived together, or for every FLUSH_EVERY of them
+        # when many arrive at once (see flush_point).
         super().dataReceived(data)
         self.node.kick()
+
+    def flush_point(self) -> None:
+        # Commit (or queue) what was decided so far, and send it on now: the
+        # successor starts on it while we handle the rest of this read.
+        self.node.kick()
+        super().flush_point()
 
     def frameReceived(self, mtype: int, body: Container) -> None:
         node = self.node
@@ -86,7 +93,9 @@ class NodeProtocol(FrameProtocol):
                 return
             if body.epoch > node.replica.epoch:
                 node.master_link_refresh()
-            node.replica.on_updates(body.epoch, body.entries, self.current_frame)
+            node.replica.on_updates(body.epoch, body.entries, body.raws)
+            # Weigh by entries (the frame itself counts one more once handled).
+            self.weigh(len(body.entries) - 1)
         elif mtype == T.SNAPSHOT:
             if not self.is_predecessor or not node.replica.is_joining:
                 self.unexpected(mtype)
@@ -505,7 +514,7 @@ class NodeService(service.MultiService):
         r = self.replica
         held = r.committed_seq if r.successor is None else r.acked_seq
         if held:
-            proto.send(wire.encode(T.ACK, epoch=r.epoch, seq=held))
+            proto.send(wire.ack(r.epoch, held))
         self.log.info(
             "predecessor {pred} linked at epoch {epoch}; we have seq {seq}",
             pred=name,

@@ -15,11 +15,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from ckv import wire
-from ckv.framing import set_no_delay
+from ckv.framing import FlushingReceiver, set_no_delay
 
 
 class LinkHandler(Protocol):
@@ -35,7 +34,7 @@ class LinkHandler(Protocol):
         """The connection is lost (a new attempt is already scheduled)."""
 
 
-class FrameProtocol(Int32StringReceiver):
+class FrameProtocol(FlushingReceiver):
     """Length-prefixed ckv frames, decoded with L{ckv.wire}, passed to a link."""
 
     MAX_LENGTH = wire.MAX_FRAME
@@ -64,6 +63,8 @@ class FrameProtocol(Int32StringReceiver):
             self.drop()
             return
         self.link._frame(self, mtype, body)
+        # Requests sent in answer to these replies leave every few frames.
+        self.weigh()
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.log.warn(

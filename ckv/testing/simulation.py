@@ -486,7 +486,7 @@ class SimNode:
                 return
             if body.epoch > r.epoch:
                 self.send_register()
-            self.execute(r.on_updates(body.epoch, list(body.entries), frame))
+            self.execute(r.on_updates(body.epoch, list(body.entries), body.raws))
         elif getattr(T, "FENCE", None) is not None and mtype == T.FENCE:
             if not conn.is_predecessor:
                 self.protocol_error(conn, wire.ErrorCode.UNEXPECTED, "FENCE before hello")
@@ -1011,9 +1011,7 @@ class SimClient:
 def _with_epoch(frame: bytes, epoch: int) -> bytes:
     """The same REQUEST frame with its epoch field set."""
     _, body = wire.decode(frame)
-    fields = {k: body[k] for k in ("client_id", "lane", "request_id", "op", "flags", "key",
-                                   "expected", "value")}
-    return wire.encode(T.REQUEST, epoch=epoch, **fields)
+    return wire.encode(T.REQUEST, **body._replace(epoch=epoch)._asdict())
 
 
 # -- the simulation ----------------------------------------------------------------------------
