@@ -20,11 +20,13 @@ from ckv import wire
 #: before it reaches a I{flush point}: it finishes what those frames started
 #: (a node commits them as one batch) and hands every frame written so far to
 #: the kernel, instead of only when the whole read is handled.  The next
-#: process on the path then starts on the first few requests while this one
+#: process on the path then starts on the first requests while this one
 #: handles the rest: with 32 requests arriving together, two cores work at
-#: once instead of one stage at a time (measured in doc/operations.md,
-#: "Performance").  Smaller means more parallelism but more system calls.
-FLUSH_EVERY = 4
+#: once instead of one stage at a time.  Smaller means more overlap but more
+#: system calls (a send that wakes another process costs tens of
+#: microseconds).  On 2 cores with 32 in flight, 16 did best of 2, 4, 8, 12,
+#: 16 and never (doc/operations.md, "Performance").
+FLUSH_EVERY = 16
 
 #: Transports written to since the last flush point (one reactor per process).
 _unflushed: set[Any] = set()
