@@ -222,41 +222,68 @@ class _Run:
             return key, lambda: self.client.get(key, timeout=self.args.timeout)
         return key, lambda: self.client.put(key, self.value, timeout=self.args.timeout)
 
-    async def _one(self, key: bytes, op: Callable[[], Any], rec: Recorder) -> None:
-        from twisted.internet.defer import TimeoutError as DeferTimeout
-        from twisted.internet.task import deferLater
-
-        from ckv.errors import Unavailable
-
-        start = time.perf_counter()
-        try:
-            # No extra guard timer: the client fails every request with
-            # Unavailable by its deadline.
-            await op()
-        except (Unavailable, DeferTimeout, TimeoutError):
-            rec.failure(unavailable=True)
-        except Exception:
-            rec.failure(unavailable=False)
-        else:
-            rec.success(time.perf_counter() - start, _chain_of(self.client, key))
-            return
-        # Back off a little after a failure: a failure that comes back at once
-        # would otherwise spin without ever yielding to the reactor.
-        await deferLater(self.reactor, 0.01, lambda: None)
-
     async def phase(
         self, rec: Recorder, next_op: Callable[[], tuple[bytes, Callable[[], Any]] | None]
     ) -> float:
-        """Run C{concurrency} workers until C{next_op} returns None; the elapsed time."""
-        from twisted.internet.defer import Deferred, gatherResults
+        """Keep C{concurrency} operations going until C{next_op} returns None; the elapsed time."""
+        from twisted.internet.defer import Deferred
+        from twisted.internet.defer import TimeoutError as DeferTimeout
         from twisted.internet.task import LoopingCall
 
-        async def worker() -> None:
-            while not self.stopping:
-                chosen = next_op()
-                if chosen is None:
-                    return
-                await self._one(*chosen, rec)
+        from ckv.errors import Unavailable
+
+        # Plain callbacks, not a coroutine per operation: the client's CPU
+        # is part of what this measures, so the loop itself stays cheap.
+        finished: Deferred[None] = Deferred()
+        running = [self.args.concurrency]
+        perf_counter = time.perf_counter
+        timeouts = (Unavailable, DeferTimeout, TimeoutError)
+
+        # launch() only counts; the loop below starts the operations, so an
+        # answer that comes at once (a fake client, a failure) does not
+        # recurse.
+        to_start = [0]
+        starting = [False]
+
+        def launch() -> None:
+            to_start[0] += 1
+            if starting[0]:
+                return
+            starting[0] = True
+            try:
+                while to_start[0]:
+                    to_start[0] -= 1
+                    start_one()
+            finally:
+                starting[0] = False
+
+        def start_one() -> None:
+            chosen = None if self.stopping else next_op()
+            if chosen is None:
+                running[0] -= 1
+                if running[0] == 0:
+                    finished.callback(None)
+                return
+            key, op = chosen
+            start = perf_counter()
+            d = op()
+            d.addCallbacks(succeeded, failed, (key, start))
+            d.addErrback(broken)
+
+        def succeeded(_: Any, key: bytes, start: float) -> None:
+            rec.success(perf_counter() - start, _chain_of(self.client, key))
+            launch()
+
+        def failed(f: Any) -> None:
+            rec.failure(unavailable=f.check(*timeouts) is not None)
+            # Back off a little: a failure that comes back at once would
+            # otherwise spin without ever yielding to the reactor.
+            self.reactor.callLater(0.01, launch)
+
+        def broken(f: Any) -> None:
+            # A bug in the loop itself: stop rather than hang.
+            if not finished.called:
+                finished.errback(f)
 
         started = time.monotonic()
         last = [started, 0]
@@ -274,8 +301,9 @@ class _Run:
         if not self.args.quiet:
             ticker.start(1.0, now=False)
         try:
-            workers = [Deferred.fromCoroutine(worker()) for _ in range(self.args.concurrency)]
-            await gatherResults(workers, consumeErrors=True)
+            to_start[0] = self.args.concurrency - 1
+            launch()
+            await finished
         finally:
             if ticker.running:
                 ticker.stop()

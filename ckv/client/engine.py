@@ -92,7 +92,7 @@ def check_sizes(key: bytes, value: bytes | None = None, expected: bytes | None =
             )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     """One outstanding request."""
 
