@@ -3,13 +3,16 @@ Benchmark a chain of three on this machine, the way the README quotes it:
 
     python benchmarks/chain_bench.py [--sync durable|replicated|both]
                                      [--duration 10] [--concurrency 32]
+                                     [--chains N] [--direct] [--cpu]
 
 For each sync mode it starts `ckv local --base-port 0` in a temporary
 directory (a master, three nodes and a dispatcher, each its own process),
 runs `ckv bench --workload write` then `--workload read` through the
 dispatcher, and prints throughput, latency percentiles, errors and the
-resident memory of every process afterwards.  Everything runs on loopback
-and stops by itself.
+resident memory of every process afterwards.  With --cpu it also prints,
+per workload, how much of one core each process used and its CPU time per
+operation (from /proc; Linux only): where the time goes.  Everything runs
+on loopback and stops by itself.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -42,6 +46,36 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process so far, from /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of the finished child processes (here: the ckv bench client)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_line(before: dict[str, float | None], after: dict[str, float | None],
+             elapsed: float, ops: int) -> str:
+    """Each process's share of one core and CPU per operation, over one workload."""
+    parts = []
+    for name in before:
+        b, a = before[name], after[name]
+        if a is None or b is None or elapsed <= 0:
+            continue
+        used = a - b
+        per_op = f" {used / ops * 1e6:.0f} us/op" if ops else ""
+        parts.append(f"{name} {100 * used / elapsed:.0f}%{per_op}")
+    return ", ".join(parts)
 
 
 def start_cluster(workdir: str, sync: str, chains: int) -> tuple[subprocess.Popen[bytes], dict]:
@@ -92,6 +126,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--chains", type=int, default=1, help="chains of 3 (default 1)")
     ap.add_argument("--direct", action="store_true", help="clients talk to heads and tails")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also print each process's CPU: share of one core, and per operation")
     args = ap.parse_args()
     modes = ["durable", "replicated"] if args.sync == "both" else [args.sync]
     print(f"# {args.chains} chain(s) of 3 on loopback, {os.cpu_count()} cores, "
@@ -101,10 +137,20 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ckv-bench-") as work:
             proc, info = start_cluster(work, sync, args.chains)
             try:
+                pids = {name: n["pid"] for name, n in info["nodes"].items()}
+                pids.update({k: info[k]["pid"] for k in ("master", "dispatcher")})
                 for workload in ("write", "read"):
+                    cpu_before = {"client": children_cpu_seconds()}
+                    cpu_before.update({k: cpu_seconds(p) for k, p in sorted(pids.items())})
+                    started = time.monotonic()
                     r = bench(
                         info["connect"], workload, args.duration, args.concurrency, args.direct
                     )
+                    # The client's share counts its start-up and, for reads,
+                    # the preload; the servers' counts the preload too.
+                    elapsed = time.monotonic() - started
+                    cpu_after = {"client": children_cpu_seconds()}
+                    cpu_after.update({k: cpu_seconds(p) for k, p in sorted(pids.items())})
                     print(
                         f"{sync:10s} {workload:5s} {r['ops_per_s']:9.0f} ops/s  "
                         f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
@@ -112,8 +158,10 @@ def main() -> None:
                         f"unavailable {r['unavailable']}",
                         flush=True,
                     )
-                pids = {name: n["pid"] for name, n in info["nodes"].items()}
-                pids.update({k: info[k]["pid"] for k in ("master", "dispatcher")})
+                    if args.cpu:
+                        ops = r["ops"] + (r.get("preload", {}).get("ops", 0))
+                        line = cpu_line(cpu_before, cpu_after, elapsed, ops)
+                        print(f"{sync:10s} cpu   {line}", flush=True)
                 mem = ", ".join(f"{k} {rss_mb(p) or 0:.0f} MB" for k, p in sorted(pids.items()))
                 print(f"{sync:10s} rss   {mem}", flush=True)
             finally:
