@@ -4,8 +4,10 @@ The LMDB store of one replica.
 Four named databases in one environment:
 
   - C{data}: key -> value, the replicated map.
-  - C{sessions}: client_id + lane (20 bytes) -> last request id (u64) and
-    its result status (u8): what makes retries exactly once.
+  - C{sessions}: client_id + lane (20 bytes) -> last request id (u64), its
+    result status (u8) and when this replica recorded it (u32, Unix
+    seconds): what makes retries exactly once.  Sessions idle for longer
+    than the node's session TTL are deleted (L{Store.expire_sessions}).
   - C{sent}: seq (u64, big-endian) -> encoded update entry: updates this
     node has applied and forwarded but the tail has not acknowledged yet.
     Durable so that a whole-chain restart loses nothing.
@@ -29,7 +31,7 @@ import hashlib
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import lmdb
@@ -41,7 +43,9 @@ from ckv.entry import Entry
 SYNC_MODES = ("durable", "replicated")
 
 _U64 = struct.Struct(">Q")
-_SESSION = struct.Struct(">QB")
+_SESSION = struct.Struct(">QBI")
+#: A session recorded before sessions had a time (request id, status).
+_LEGACY_SESSION = struct.Struct(">QB")
 
 _APPLIED = b"applied_seq"
 _EPOCH = b"epoch"
@@ -97,7 +101,17 @@ class Store:
 
     log = Logger()
 
-    def __init__(self, path: str, sync: str = "durable", map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(
+        self,
+        path: str,
+        sync: str = "durable",
+        map_size: int = DEFAULT_MAP_SIZE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """
+        @param clock: wall-clock seconds, stamped on the sessions a commit
+            records (their age decides when they expire).
+        """
         if sync not in SYNC_MODES:
             raise ValueError(f"unknown sync mode {sync!r}; expected one of {', '.join(SYNC_MODES)}")
         self.path = path
@@ -108,6 +122,8 @@ class Store:
         self.committed_entries = 0
         self.commit_seconds = 0.0
         self.commit_max_seconds = 0.0
+        self.clock = clock
+        self.sessions_expired = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -152,7 +168,7 @@ class Store:
             raw = txn.get(skey)
         if raw is None:
             return None
-        return _SESSION.unpack(raw)  # type: ignore[return-value]
+        return _LEGACY_SESSION.unpack_from(raw)  # type: ignore[return-value]
 
     def recover(self) -> Recovered:
         """Read back the replica's durable state."""
@@ -186,6 +202,7 @@ class Store:
             "committed_entries": self.committed_entries,
             "commit_ms_avg": round(1000 * self.commit_seconds / max(1, self.commits), 3),
             "commit_ms_max": round(1000 * self.commit_max_seconds, 3),
+            "sessions_expired": self.sessions_expired,
         }
 
     # -- state transfer ----------------------------------------------------
@@ -269,6 +286,7 @@ class Store:
         """
         env = self._env()
         data, sessions, sent = self._data, self._sessions, self._sent
+        now = int(self.clock()) & 0xFFFFFFFF
         started = time.perf_counter()
         with env.begin(write=True) as txn:
             for e in batch.entries:
@@ -279,7 +297,7 @@ class Store:
                 if e.client_id != wire.NO_CLIENT:
                     txn.put(
                         session_key(e.client_id, e.lane),
-                        _SESSION.pack(e.request_id, e.status),
+                        _SESSION.pack(e.request_id, e.status, now),
                         db=sessions,
                     )
                 if batch.keep_sent:
@@ -297,6 +315,54 @@ class Store:
         self.committed_entries += len(batch.entries)
         self.commit_seconds += elapsed
         self.commit_max_seconds = max(self.commit_max_seconds, elapsed)
+
+    def expire_sessions(
+        self, ttl: float, start: bytes = b"", limit: int = 10_000
+    ) -> tuple[int, bytes | None]:
+        """
+        Delete the sessions recorded more than C{ttl} seconds ago, looking
+        at no more than C{limit} of them from key C{start} on, in one write
+        transaction (so call it where commits run).  A session recorded
+        before sessions had a time is given the current time instead (it
+        expires C{ttl} from now).
+
+        A client retries a request only until its own timeout, so a
+        session idle for far longer than any client timeout is never
+        needed again; keeping it would let the table grow by one record
+        per client that ever connected.
+
+        @return: how many were deleted, and the key to start the next call
+            from (None once the whole table was looked at).
+        """
+        now = int(self.clock())
+        cutoff = now - ttl
+        deleted = 0
+        seen = 0
+        with self._env().begin(write=True, db=self._sessions) as txn:
+            cursor = txn.cursor()
+            found = cursor.set_range(start) if start else cursor.first()
+            while found:
+                if seen >= limit:
+                    next_key: bytes | None = cursor.key()
+                    break
+                seen += 1
+                raw = cursor.value()
+                if len(raw) == _LEGACY_SESSION.size:
+                    rid, status = _LEGACY_SESSION.unpack(raw)
+                    cursor.put(cursor.key(), _SESSION.pack(rid, status, now & 0xFFFFFFFF))
+                    found = cursor.next()
+                elif len(raw) == _SESSION.size and _SESSION.unpack(raw)[2] < cutoff:
+                    # delete() moves to the next record; after the last one
+                    # the cursor is unpositioned and its key is empty.
+                    cursor.delete()
+                    deleted += 1
+                    found = bool(cursor.key())
+                else:
+                    found = cursor.next()
+            else:
+                next_key = None
+        self.sessions_expired += deleted
+        return deleted, next_key
 
     def _prune(self, txn: lmdb.Transaction, upto: int) -> None:
         cursor = txn.cursor(db=self._sent)

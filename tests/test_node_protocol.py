@@ -15,11 +15,11 @@ from twisted.test import iosim
 
 from ckv import wire
 from ckv.chain.replica import Replica
-from ckv.chain.service import NodeProtocol, NodeService, _Factory
+from ckv.chain.service import NodeProtocol, NodeService, _Factory, session_sweep_interval
 from ckv.config import ClusterConfig
 from ckv.entry import Entry
 from ckv.framing import error_text
-from ckv.storage import Store
+from ckv.storage import Batch, Store, session_key
 from ckv.wire import ErrorCode, MessageType, Op, Status
 from tests.fakes import CID_A, CID_B, framed, make_chain, unframe
 
@@ -472,3 +472,58 @@ def test_a_hello_reply_from_an_older_epoch_drops_the_link(tmp_path, request):
     cproto.dataReceived(reply)
     assert head.succ_proto is None
     assert ctr.disconnecting  # the ClientService reconnects with a hello at epoch 2
+
+
+# -- session expiry -----------------------------------------------------------------
+
+
+def request_frame(client_id: bytes, request_id: int, key: bytes, value: bytes) -> bytes:
+    return request(client_id=client_id, request_id=request_id, key=key, value=value)
+
+
+def test_expire_sessions_deletes_idle_sessions(tmp_path, request):
+    now = [1_000_000.0]
+    node = make_node(tmp_path, request, "n1")
+    node.session_ttl = 100.0
+    node.store.clock = lambda: now[0]
+    node.on_config(config("n1"))
+    proto, tr = connect(node)
+    hello(proto, tr)
+    proto.dataReceived(request_frame(CID_A, 1, b"k", b"v"))
+    now[0] += 50
+    proto.dataReceived(request_frame(CID_B, 1, b"j", b"w"))
+    skey_a, skey_b = session_key(CID_A, 0), session_key(CID_B, 0)
+    assert node.store.session(skey_a) and node.store.session(skey_b)
+    now[0] += 60
+    d = node.expire_sessions()
+    assert d.result == 1
+    assert node.store.session(skey_a) is None
+    assert node.store.session(skey_b) == (1, Status.OK)
+    assert node.stats()["sessions_expired"] == 1
+    assert node.store.get(b"k") == b"v"
+
+
+def test_the_sweeper_runs_every_tenth_of_the_ttl(tmp_path):
+    reactor = MemoryReactorClock()
+    now = [1_000_000.0]
+    node = NodeService(
+        name="n1",
+        listen="tcp:0:interface=127.0.0.1",
+        master="tcp:127.0.0.1:1",
+        data_dir=str(tmp_path / "n1"),
+        reactor=reactor,
+        commit_inline=True,
+        session_ttl=100.0,
+        wall_clock=lambda: now[0],
+    )
+    node.startService()
+    try:
+        node.store.commit(Batch([Entry(1, CID_A, 0, 1, int(Op.PUT), 0, b"k", b"v")]))
+        now[0] += 101
+        reactor.advance(9.9)
+        assert node.store.session(session_key(CID_A, 0)) is not None
+        reactor.advance(0.2)  # 10 s: a tenth of the TTL
+        assert node.store.session(session_key(CID_A, 0)) is None
+    finally:
+        node.stopService()
+    assert [session_sweep_interval(t) for t in (5, 100, 86400)] == [1.0, 10.0, 600.0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import lmdb
 import pytest
 
@@ -229,6 +231,80 @@ def test_stats(store):
         "committed_entries": 3,
         "commit_ms_avg": st["commit_ms_avg"],
         "commit_ms_max": st["commit_ms_max"],
+        "sessions_expired": 0,
     }
     assert 0 < st["used_bytes"] <= st["map_size"]
     assert 0 < st["commit_ms_avg"] <= st["commit_ms_max"]
+
+
+# -- session expiry ------------------------------------------------------------------
+
+
+class FakeWallClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def timed_store(tmp_path):
+    clock = FakeWallClock()
+    s = Store(str(tmp_path / "db"), "replicated", clock=clock)
+    s.open()
+    yield s, clock
+    s.close()
+
+
+def sessions_of(store: Store) -> dict[bytes, tuple[int, int]]:
+    with store.env.begin(db=store._sessions) as txn:
+        return {bytes(k): store.session(bytes(k)) for k, _ in txn.cursor()}
+
+
+def test_sessions_idle_longer_than_the_ttl_are_deleted(timed_store):
+    store, clock = timed_store
+    store.commit(Batch([entry(1, lane=1), entry(2, lane=2)]))
+    clock.now += 50
+    store.commit(Batch([entry(3, lane=2), entry(4, lane=3)]))  # lane 2 used again
+    clock.now += 60
+    # Lane 1 was last used 110 s ago; lanes 2 and 3 60 s ago.
+    assert store.expire_sessions(ttl=100) == (1, None)
+    assert sessions_of(store) == {
+        session_key(CID, 2): (3, int(Status.OK)),
+        session_key(CID, 3): (4, int(Status.OK)),
+    }
+    assert store.expire_sessions(ttl=100) == (0, None)
+    clock.now += 41
+    assert store.expire_sessions(ttl=100) == (2, None)
+    assert sessions_of(store) == {}
+    assert store.stats()["sessions_expired"] == 3
+    # The data itself is untouched.
+    assert store.get(b"k") == b"v"
+
+
+def test_expiry_goes_a_chunk_at_a_time(timed_store):
+    store, clock = timed_store
+    store.commit(Batch([entry(i, lane=i) for i in range(1, 26)]))
+    clock.now += 1000
+    start, rounds, deleted = b"", 0, 0
+    while start is not None:
+        n, start = store.expire_sessions(ttl=10, start=start, limit=10)
+        deleted += n
+        rounds += 1
+    assert (deleted, rounds) == (25, 3)
+    assert sessions_of(store) == {}
+
+
+def test_a_session_without_a_time_is_stamped_not_deleted(timed_store):
+    """Sessions written before they carried a time expire a TTL after the first sweep."""
+    store, clock = timed_store
+    skey = session_key(CID, 7)
+    with store.env.begin(write=True, db=store._sessions) as txn:
+        txn.put(skey, struct.pack(">QB", 42, int(Status.CAS_FAILED)))
+    assert store.session(skey) == (42, int(Status.CAS_FAILED))
+    assert store.expire_sessions(ttl=10) == (0, None)
+    assert store.session(skey) == (42, int(Status.CAS_FAILED))
+    clock.now += 11
+    assert store.expire_sessions(ttl=10) == (1, None)
+    assert store.session(skey) is None

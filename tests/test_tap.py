@@ -111,6 +111,7 @@ def test_node_service(fake_services: dict[str, type]) -> None:
     o = parse(node_tap, NODE + [
         "--master", "tcp:10.0.0.1:7000", "--admin", "tcp:7021:interface=127.0.0.1",
         "--sync", "replicated", "--advertise", "10.0.0.5:7011", "--port-file", "n1.port",
+        "--session-ttl", "3600",
     ])
     svc = node_tap.makeService(o)
     assert isinstance(svc, fake_services["NodeService"])
@@ -123,7 +124,16 @@ def test_node_service(fake_services: dict[str, type]) -> None:
         "admin": "tcp:7021:interface=127.0.0.1",
         "advertise": "10.0.0.5:7011",
         "port_file": "n1.port",
+        "session_ttl": 3600.0,
     }
+
+
+def test_node_session_ttl_default_and_checks() -> None:
+    assert parse(node_tap, NODE)["session-ttl"] == node_tap.DEFAULT_SESSION_TTL == 86400.0
+    assert parse(node_tap, NODE + ["--session-ttl", "0"])["session-ttl"] == 0.0
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(usage.UsageError):
+            parse(node_tap, NODE + ["--session-ttl", bad])
 
 
 def test_node_bare_port_means_loopback() -> None:

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,11 +34,18 @@ from ckv.chain.replica import (
     HelloRefused,
     Replica,
 )
+from ckv.chain.tap import DEFAULT_SESSION_TTL
 from ckv.chain.transfer import SnapshotSender, apply_snapshot_frame, snapshot_ack
 from ckv.config import EMPTY, ClusterConfig, Member
 from ckv.framing import FrameProtocol, error_text
 from ckv.storage import Batch, Store
 from ckv.wire import MessageType as T
+
+
+def session_sweep_interval(ttl: float) -> float:
+    """How often to look for expired sessions: a tenth of the TTL, 1 s to 10 min."""
+    return min(600.0, max(1.0, ttl / 10))
+
 
 #: Reconnection to the successor and the master: fast first, then backing off.
 LINK_RETRY = backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0)
@@ -240,6 +247,8 @@ class NodeService(service.MultiService):
         reactor: Any = None,
         commit_inline: bool = False,
         clock: Any = None,
+        session_ttl: float = DEFAULT_SESSION_TTL,
+        wall_clock: Any = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -258,6 +267,11 @@ class NodeService(service.MultiService):
         self.commit_inline = commit_inline
         #: Monotonic seconds, for the read lease.
         self.clock = clock or time.monotonic
+        #: Wall-clock seconds, stamped on sessions (see L{expire_sessions}).
+        self.wall_clock = wall_clock or time.time
+        #: Sessions idle for longer than this are deleted; 0 keeps them.
+        self.session_ttl = session_ttl
+        self._session_sweeper: LoopingCall | None = None
         #: When each REGISTER/HEARTBEAT still unanswered was sent (the
         #: master answers in order on one connection).
         self.heartbeats_sent: deque[float] = deque()
@@ -292,7 +306,7 @@ class NodeService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.store = Store(self.data_dir, self.sync)
+        self.store = Store(self.data_dir, self.sync, clock=self.wall_clock)
         self.store.open()
         recovered = self.store.recover()
         self.replica = Replica(self.name, self.store, recovered, lease_ok=self.holds_lease)
@@ -314,6 +328,10 @@ class NodeService(service.MultiService):
             self._syncer = LoopingCall(self._periodic_sync)
             self._syncer.clock = self.reactor
             self._syncer.start(1.0, now=False)
+        if self.session_ttl > 0:
+            self._session_sweeper = LoopingCall(self.expire_sessions)
+            self._session_sweeper.clock = self.reactor
+            self._session_sweeper.start(session_sweep_interval(self.session_ttl), now=False)
         self._started = defer.ensureDeferred(self._listen())
         self._started.addErrback(self._start_failed)
 
@@ -385,6 +403,8 @@ class NodeService(service.MultiService):
                 proto.transport.loseConnection()
         if self._syncer is not None and self._syncer.running:
             self._syncer.stop()
+        if self._session_sweeper is not None and self._session_sweeper.running:
+            self._session_sweeper.stop()
         if self._pool is not None:
             self._pool.stop()
         if self.store is not None:
@@ -680,6 +700,36 @@ class NodeService(service.MultiService):
             return
         self.log.failure("commit of {n} entries failed; retrying in 1s", f, n=len(batch.entries))
         self.reactor.callLater(1.0, self.kick)
+
+    def expire_sessions(self) -> defer.Deferred[int]:
+        """
+        Delete the sessions idle for longer than C{session_ttl}, a chunk
+        at a time where commits run (the writer thread, or inline), letting
+        the reactor work between chunks.  Fires with how many were deleted.
+        """
+        return defer.ensureDeferred(self._expire_sessions())
+
+    async def _expire_sessions(self) -> int:
+        total = 0
+        start: bytes | None = b""
+        try:
+            while start is not None and self.store is not None and not self.receiving_snapshot:
+                deleted, start = await self._store_call(
+                    self.store.expire_sessions, self.session_ttl, start
+                )
+                total += deleted
+                if start is not None:
+                    await deferLater(self.reactor, 0, lambda: None)
+        except Exception:
+            # Map full, a closed store at shutdown: try again next time.
+            self.log.failure("expiring sessions failed")
+        if total:
+            self.log.info(
+                "expired {n} client sessions idle for more than {ttl:g}s",
+                n=total,
+                ttl=self.session_ttl,
+            )
+        return total
 
     def _periodic_sync(self) -> defer.Deferred[None] | None:
         if self.store is None:

@@ -4,7 +4,7 @@ C{twistd ckv-node}: the command line of a replica, and the service it runs.
     twistd -n ckv-node --name n1 --listen tcp:7011:interface=127.0.0.1 \\
         --master tcp:127.0.0.1:7000 --data-dir ./ckv-data/n1 \\
         [--admin tcp:7021:interface=127.0.0.1] [--sync durable|replicated] \\
-        [--advertise HOST:PORT] [--port-file PATH]
+        [--advertise HOST:PORT] [--port-file PATH] [--session-ttl SECONDS]
 
 L{makeService} only builds the service: sockets and LMDB are opened in
 C{startService}, after twistd has daemonized.
@@ -19,6 +19,8 @@ from twisted.python import usage
 from ckv.portfile import check_host_port, check_name, check_role_endpoints
 
 DEFAULT_MASTER = "tcp:127.0.0.1:7000"
+#: Default --session-ttl (seconds): a day, far longer than any client timeout.
+DEFAULT_SESSION_TTL = 86400.0
 
 #: --sync modes and what they mean.
 SYNC_MODES = {
@@ -26,6 +28,13 @@ SYNC_MODES = {
     "replicated": "no fsync per batch; LMDB is synced once a second and "
     "durability relies on the other replicas",
 }
+
+
+def _session_ttl(value: str) -> float:
+    ttl = float(value)
+    if not ttl >= 0 or ttl == float("inf"):
+        raise ValueError(f"must be a number of seconds >= 0, not {value!r}")
+    return ttl
 
 
 class Options(usage.Options):
@@ -63,6 +72,15 @@ class Options(usage.Options):
             None,
             'Write {"listen": PORT, "admin": PORT, "pid": PID} here once listening.',
         ],
+        [
+            "session-ttl",
+            None,
+            DEFAULT_SESSION_TTL,
+            "Seconds a client session (what makes that client's retries exactly once) is "
+            "kept after its last update; 0 keeps every session forever. Keep it far longer "
+            "than any client's timeout.",
+            _session_ttl,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -96,6 +114,7 @@ def serviceKwargs(options: Options) -> dict[str, Any]:
         "admin": options["admin"],
         "advertise": options["advertise"],
         "port_file": options["port-file"],
+        "session_ttl": options["session-ttl"],
     }
 
 
