@@ -80,7 +80,7 @@ class FlushingReceiver(Int32StringReceiver):
 
     def sendString(self, string: bytes) -> None:
         super().sendString(string)
-        _unflushed.add(self.transport)
+        note_written(self.transport)
 
     def weigh(self, n: int = 1) -> None:
         """Count C{n} units of work; reach a flush point every L{FLUSH_EVERY}."""

@@ -356,8 +356,6 @@ _FAST_DECODERS: dict[int, Callable[[bytes], Any]] = {
     MessageType.UPDATES.value: _decode_updates,
 }
 
-#: Size of an encoded entry without its key and value.
-ENTRY_FIXED_SIZE = 8 + CLIENT_ID_LEN + 4 + 8 + 1 + 1 + 2 + 4
 
 
 class WireError(Exception):
