@@ -144,8 +144,10 @@ class Cluster:
         chain_length: int | None = None,
         chains: int = 1,
         master_args: list[str] | None = None,
+        node_args: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.node_args = list(node_args or [])
         os.makedirs(workdir, exist_ok=True)
         self.sync = sync
         self.chains = chains
@@ -188,6 +190,7 @@ class Cluster:
             os.path.join(self.workdir, name),
             "--sync",
             self.sync,
+            *self.node_args,
         ]
 
     def start_node(self, node: Process) -> None:

@@ -354,6 +354,26 @@ def test_nodes_reach_the_master_late(tmp_path):
         c.stop()
 
 
+def test_idle_sessions_expire_on_every_replica(tmp_path):
+    """twistd ckv-node --session-ttl: each replica deletes sessions idle for longer."""
+    c = Cluster(str(tmp_path), nodes=3, sync="replicated", node_args=["--session-ttl", "2"])
+    with running(c):
+        r = run_module("tests.clientcheck", "roundtrip", "--connect", c.dispatcher.endpoint)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # The roundtrip's client recorded sessions on every replica...
+        assert all(int(parse_kv(n.admin("stats"))["sessions"]) > 0 for n in c.nodes)
+
+        def all_expired() -> bool:
+            stats = [parse_kv(n.admin("stats")) for n in c.nodes]
+            return all(s["sessions"] == "0" and int(s["sessions_expired"]) > 0 for s in stats)
+
+        # ...and nobody uses them again: gone within the TTL plus a sweep (1 s).
+        wait_for(all_expired, timeout=20, what="sessions expired on every replica")
+        # The store keeps serving new clients.
+        r = run_module("tests.clientcheck", "roundtrip", "--connect", c.dispatcher.endpoint)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_tac_files_run_each_role(tmp_path):
     """tac/master.tac, tac/node.tac and tac/dispatcher.tac, configured by environment."""
     work = str(tmp_path)
