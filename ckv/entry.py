@@ -64,16 +64,7 @@ class Entry:
         list and for forwarding).  Built once, then reused.
         """
         if self.raw is None:
-            self.raw = wire.encode_entry(
-                self.seq,
-                self.client_id,
-                self.lane,
-                self.request_id,
-                self.op,
-                self.status,
-                self.key,
-                self.value,
-            )
+            self.raw = wire.encode_entry(self)
         return self.raw
 
     @classmethod

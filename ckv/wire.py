@@ -390,20 +390,16 @@ def updates_frame(epoch: int, raw_entries: list[bytes]) -> bytes:
     )
 
 
-def encode_entry(
-    seq: int,
-    client_id: bytes,
-    lane: int,
-    request_id: int,
-    op: int,
-    status: int,
-    key: bytes,
-    value: bytes,
-) -> bytes:
-    """One UPDATES entry (the layout of L{Entry})."""
-    if len(client_id) != CLIENT_ID_LEN:
-        raise ValueError(f"client_id must be {CLIENT_ID_LEN} bytes, not {len(client_id)}")
-    return ENTRY_CODEC.encode(seq, client_id, lane, request_id, op, status, key, value)
+def encode_entry(e: Any) -> bytes:
+    """
+    One UPDATES entry (the layout of L{Entry}) from an object with those
+    fields as attributes (a L{ckv.entry.Entry}).
+    """
+    if len(e.client_id) != CLIENT_ID_LEN:
+        raise ValueError(f"client_id must be {CLIENT_ID_LEN} bytes, not {len(e.client_id)}")
+    return ENTRY_CODEC.encode(
+        e.seq, e.client_id, e.lane, e.request_id, e.op, e.status, e.key, e.value
+    )
 
 
 def ack(epoch: int, seq: int) -> bytes:

@@ -105,7 +105,7 @@ def test_encoders_reject_a_client_id_of_the_wrong_size():
         with pytest.raises(ValueError, match="client_id must be 16 bytes"):
             wire.reply(cid, 1, Status.OK)
         with pytest.raises(ValueError, match="client_id must be 16 bytes"):
-            wire.encode_entry(1, cid, 1, 1, 2, 0, b"k", b"v")
+            Entry(1, cid, 1, 1, 2, 0, b"k", b"v").encode()
 
 
 def test_encoders_reject_values_out_of_range():
