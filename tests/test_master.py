@@ -97,6 +97,29 @@ def test_a_whole_silent_chain_is_left_alone():
     assert members(s) == ["n1", "n2", "n3"]
 
 
+def test_after_a_whole_chain_stop_the_others_get_time_to_come_back():
+    s = formed()
+    assert s.failed(100.0, timeout=5.0) == []  # every member stopped
+    s.heartbeat("n2", 101.0)  # the first one is back
+    # The others were silent for long, but get one more timeout from now.
+    assert s.failed(101.5, timeout=5.0) == []
+    s.heartbeat("n1", 103.0)
+    assert s.failed(105.0, timeout=5.0) == []
+    assert members(s) == ["n1", "n2", "n3"]  # nobody replaced so far
+    s.heartbeat("n1", 106.0)
+    s.heartbeat("n2", 106.0)
+    # n3 never comes back: replaced once its extra time is over.
+    assert s.failed(106.6, timeout=5.0) == ["n3"]
+
+
+def test_without_a_whole_chain_stop_there_is_no_extra_time():
+    s = formed()
+    s.heartbeat("n1", 4.0)
+    s.heartbeat("n2", 4.0)
+    assert s.failed(5.5, timeout=5.0) == ["n3"]
+    assert s.failed(6.0, timeout=5.0) == ["n3"]
+
+
 def test_grace_after_a_master_restart():
     s = formed()
     raw = s.to_json()

@@ -51,6 +51,8 @@ class MasterState:
         self.last_seen: dict[str, float] = {}
         #: The highest committed seq each node has reported (in memory).
         self.reported: dict[str, int] = {}
+        #: Chains seen with every member silent (a whole-chain stop).
+        self._stopped: set[int] = set()
 
     # -- events ------------------------------------------------------------
 
@@ -135,14 +137,23 @@ class MasterState:
         Members of serving chains not heard from within C{timeout}, to be
         removed.  A chain none of whose members is alive is left as it is:
         that is a whole-chain stop, and the members come back in their old
-        order (nobody is left to take over anyway).
+        order (nobody is left to take over anyway).  When the first member
+        of such a chain is back, the others get one more C{timeout} to come
+        back too before they are replaced: members restarted one after the
+        other keep their places instead of rejoining by state transfer.
         """
         out = []
         for c in self.chains:
             if not c.formed:
                 continue
             silent = [n for n in c.members if now - self.last_seen.get(n, now) > timeout]
-            if len(silent) < len(c.members):
+            if len(silent) == len(c.members):
+                self._stopped.add(c.chain_id)
+            elif c.chain_id in self._stopped:
+                self._stopped.discard(c.chain_id)
+                for n in silent:
+                    self.last_seen[n] = now
+            else:
                 out.extend(silent)
             if c.joining is not None and now - self.last_seen.get(c.joining, now) > timeout:
                 out.append(c.joining)
