@@ -226,7 +226,7 @@ class _Run:
         self, rec: Recorder, next_op: Callable[[], tuple[bytes, Callable[[], Any]] | None]
     ) -> float:
         """Keep C{concurrency} operations going until C{next_op} returns None; the elapsed time."""
-        from twisted.internet.defer import Deferred
+        from twisted.internet.defer import Deferred, maybeDeferred
         from twisted.internet.defer import TimeoutError as DeferTimeout
         from twisted.internet.task import LoopingCall
 
@@ -258,6 +258,8 @@ class _Run:
                 starting[0] = False
 
         def start_one() -> None:
+            if finished.called:
+                return  # stopped by a bug (see broken)
             chosen = None if self.stopping else next_op()
             if chosen is None:
                 running[0] -= 1
@@ -266,7 +268,8 @@ class _Run:
                 return
             key, op = chosen
             start = perf_counter()
-            d = op()
+            # maybeDeferred: an operation that raises counts as failed.
+            d = maybeDeferred(op)
             d.addCallbacks(succeeded, failed, (key, start))
             d.addErrback(broken)
 

@@ -77,6 +77,9 @@ class FlushingReceiver(Int32StringReceiver):
     def dataReceived(self, data: bytes) -> None:
         self._weight = 0
         super().dataReceived(data)
+        # The reactor writes everything out once this read is handled:
+        # forget the transports (a closed one must not be kept alive here).
+        _unflushed.clear()
 
     def sendString(self, string: bytes) -> None:
         super().sendString(string)

@@ -597,6 +597,25 @@ def test_bench_counts_failures() -> None:
         assert result[field] > 0
 
 
+def test_bench_counts_an_operation_that_raises_and_finishes() -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    class Raising(FakeTxClient):
+        def put(self, key: bytes, value: bytes, timeout: float | None = None) -> Any:
+            raise RuntimeError("a bug in the client")
+
+    clock = Clock()
+    run = bench._Run(clock, Raising(), bench_args(duration=0.05, concurrency=2))
+    d = Deferred.fromCoroutine(run.measure())
+    deadline = time.monotonic() + 5
+    while not d.called and time.monotonic() < deadline:
+        clock.advance(0.01)
+        time.sleep(0.001)
+    result = d.result
+    assert result["ops"] == 0 and result["errors"] > 0
+
+
 def test_child_env_finds_the_source_tree(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     env = local.child_env()

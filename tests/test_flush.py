@@ -138,3 +138,14 @@ def test_a_node_commits_and_replies_at_each_flush_point(tmp_path, request):
     replies = unframe(tr.value())
     assert [m for m, _ in replies] == [MessageType.REPLY] * (FLUSH_EVERY + 1)
     assert node.store.get(b"k%d" % FLUSH_EVERY) == b"v"
+
+
+def test_the_written_set_is_emptied_after_every_read():
+    """Transports are not kept after the read that wrote to them (no leak)."""
+    p = Counting()
+    p.makeConnection(StringTransport())
+    others = [StringTransport() for _ in range(3)]
+    for t in others:
+        note_written(t)
+    p.dataReceived(frames(2))
+    assert not framing._unflushed

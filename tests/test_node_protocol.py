@@ -7,6 +7,7 @@ so that nothing real listens or connects, and commits inline.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -527,3 +528,56 @@ def test_the_sweeper_runs_every_tenth_of_the_ttl(tmp_path):
     finally:
         node.stopService()
     assert [session_sweep_interval(t) for t in (5, 100, 86400)] == [1.0, 10.0, 600.0]
+
+
+def test_sweep_chunks_and_commits_take_turns(tmp_path, request, monkeypatch):
+    """
+    A sweep chunk never runs while a commit is being written, nor a commit
+    while a chunk is (a failed commit may then grow the map, which LMDB
+    allows only with no write transaction open); under load they alternate.
+    """
+    from twisted.internet.defer import Deferred
+
+    from ckv.chain import service as service_module
+
+    monkeypatch.setattr(service_module, "SWEEP_CHUNK", 1)
+    now = [1_000_000.0]
+    node = make_node(tmp_path, request, "n1")
+    node.session_ttl = 100.0
+    node.store.clock = lambda: now[0]
+    node.on_config(config("n1"))
+    node.store.commit(Batch([Entry(i, CID_B, i, 1, int(Op.PUT), 0, b"x", b"v") for i in (1, 2)]))
+    now[0] += 200
+    writes: list[tuple[str, Any, tuple, Deferred]] = []
+
+    def store_call(f, *args):
+        d: Deferred = Deferred()
+        writes.append((f.__name__, f, args, d))
+        return d
+
+    def finish(i: int) -> None:
+        _, f, args, d = writes[i]
+        d.callback(f(*args))
+
+    node._store_call = store_call  # type: ignore[method-assign]
+    proto, tr = connect(node)
+    hello(proto, tr)
+    done = node.expire_sessions()
+    assert [w[0] for w in writes] == ["expire_sessions"]
+    proto.dataReceived(request_frame(CID_A, 1, b"k", b"v"))
+    assert [w[0] for w in writes] == ["expire_sessions"]  # the commit waits
+    finish(0)
+    assert [w[0] for w in writes] == ["expire_sessions", "commit"]
+    proto.dataReceived(request_frame(CID_A, 2, b"k", b"w"))
+    finish(1)  # the commit ends: the sweep's turn, the new update waits
+    assert [w[0] for w in writes] == ["expire_sessions", "commit", "expire_sessions"]
+    finish(2)
+    assert [w[0] for w in writes][3] == "commit"
+    finish(3)
+    node.reactor.advance(0)
+    while not done.called:
+        assert writes[-1][3].called is False
+        finish(len(writes) - 1)
+        node.reactor.advance(0)
+    assert done.result == 2
+    assert node.store.get(b"k") == b"w"

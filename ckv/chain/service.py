@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +40,9 @@ from ckv.config import EMPTY, ClusterConfig, Member
 from ckv.framing import FrameProtocol, error_text
 from ckv.storage import Batch, Store
 from ckv.wire import MessageType as T
+
+#: Sessions looked at per write transaction of a sweep (about a millisecond).
+SWEEP_CHUNK = 1000
 
 
 def session_sweep_interval(ttl: float) -> float:
@@ -272,6 +275,12 @@ class NodeService(service.MultiService):
         #: Sessions idle for longer than this are deleted; 0 keeps them.
         self.session_ttl = session_ttl
         self._session_sweeper: LoopingCall | None = None
+        #: The sweep in progress: where the next chunk starts (None: none).
+        self._sweep_start: bytes | None = None
+        self._sweep_deleted = 0
+        #: A sweep chunk is being written (no commit may start meanwhile).
+        self._sweeping = False
+        self._sweep_waiters: list[defer.Deferred[int]] = []
         #: When each REGISTER/HEARTBEAT still unanswered was sent (the
         #: master answers in order on one connection).
         self.heartbeats_sent: deque[float] = deque()
@@ -663,7 +672,7 @@ class NodeService(service.MultiService):
 
     def kick(self) -> None:
         """Start committing the next batch, unless one is in flight."""
-        if self.receiving_snapshot:
+        if self.receiving_snapshot or self._sweeping:
             return
         batch = self.replica.take_batch()
         if batch is None:
@@ -687,7 +696,9 @@ class NodeService(service.MultiService):
         if replica is not self.replica:
             return  # superseded by a state transfer
         self.execute(self.replica.batch_committed(batch))
-        self.kick()
+        # A session sweep in progress takes its turn between two commits.
+        if not self._sweep_step():
+            self.kick()
 
     def _commit_failed(self, f: Failure, batch: Batch, replica: Replica) -> None:
         if replica is not self.replica:
@@ -703,33 +714,70 @@ class NodeService(service.MultiService):
 
     def expire_sessions(self) -> defer.Deferred[int]:
         """
-        Delete the sessions idle for longer than C{session_ttl}, a chunk
-        at a time where commits run (the writer thread, or inline), letting
-        the reactor work between chunks.  Fires with how many were deleted.
+        Delete the sessions idle for longer than C{session_ttl}: one pass
+        over the table, L{SWEEP_CHUNK} records per write transaction.  A
+        chunk runs where commits run and never while one is in flight (so a
+        failed commit can grow the map: LMDB allows that only with no write
+        transaction open); under load chunks alternate with commits.  Fires
+        with how many were deleted once the pass is over.
         """
-        return defer.ensureDeferred(self._expire_sessions())
+        d: defer.Deferred[int] = defer.Deferred()
+        self._sweep_waiters.append(d)
+        if self._sweep_start is None:
+            self._sweep_start = b""
+            self._sweep_deleted = 0
+            self._sweep_step()
+        return d
 
-    async def _expire_sessions(self) -> int:
-        total = 0
-        start: bytes | None = b""
-        try:
-            while start is not None and self.store is not None and not self.receiving_snapshot:
-                deleted, start = await self._store_call(
-                    self.store.expire_sessions, self.session_ttl, start
-                )
-                total += deleted
-                if start is not None:
-                    await deferLater(self.reactor, 0, lambda: None)
-        except Exception:
-            # Map full, a closed store at shutdown: try again next time.
-            self.log.failure("expiring sessions failed")
+    def _sweep_step(self) -> bool:
+        """Run the next chunk of a sweep if one is due and nothing is being written."""
+        if (
+            self._sweep_start is None
+            or self._sweeping
+            or self.store is None
+            or self.replica.busy
+            or self.receiving_snapshot
+        ):
+            return False
+        self._sweeping = True
+        d = self._store_call(
+            self.store.expire_sessions, self.session_ttl, self._sweep_start, SWEEP_CHUNK
+        )
+        d.addCallbacks(self._swept, self._sweep_failed)
+        return True
+
+    def _swept(self, result: tuple[int, bytes | None]) -> None:
+        self._sweeping = False
+        deleted, self._sweep_start = result
+        self._sweep_deleted += deleted
+        if self._sweep_start is None:
+            self._sweep_over()
+        # Pending updates first; the sweep goes on after their commit, or
+        # at the reactor's next turn if there is nothing to commit (never
+        # in a loop here: inline, a whole pass would block the reactor).
+        self.kick()
+        if self._sweep_start is not None:
+            self.reactor.callLater(0, self._sweep_step)
+
+    def _sweep_failed(self, f: Failure) -> None:
+        # Map full, a store closed at shutdown: try again at the next sweep.
+        self._sweeping = False
+        self._sweep_start = None
+        self.log.failure("expiring sessions failed", f)
+        self._sweep_over()
+        self.kick()
+
+    def _sweep_over(self) -> None:
+        total = self._sweep_deleted
         if total:
             self.log.info(
                 "expired {n} client sessions idle for more than {ttl:g}s",
                 n=total,
                 ttl=self.session_ttl,
             )
-        return total
+        waiters, self._sweep_waiters = self._sweep_waiters, []
+        for d in waiters:
+            d.callback(total)
 
     def _periodic_sync(self) -> defer.Deferred[None] | None:
         if self.store is None:
