@@ -135,19 +135,25 @@ class MasterState:
     def failed(self, now: float, timeout: float) -> list[str]:
         """
         Members of serving chains not heard from within C{timeout}, to be
-        removed.  A chain none of whose members is alive is left as it is:
-        that is a whole-chain stop, and the members come back in their old
-        order (nobody is left to take over anyway).  When the first member
-        of such a chain is back, the others get one more C{timeout} to come
-        back too before they are replaced: members restarted one after the
-        other keep their places instead of rejoining by state transfer.
+        removed -- but only from a chain with a member heard from within
+        C{timeout / 2}.  A chain none of whose members is alive is left as
+        it is: that is a whole-chain stop, and the members come back in
+        their old order (nobody is left to take over anyway).  Members
+        stopped together fall silent a little apart (a heartbeat interval,
+        the time between the kills), so "everyone silent for C{timeout}" is
+        never seen at once; "nobody heard from for half of it" is.  When the
+        first member of a stopped chain is back, the others get one more
+        C{timeout} to come back too before they are replaced: members
+        restarted one after the other keep their places instead of
+        rejoining by state transfer.
         """
         out = []
         for c in self.chains:
             if not c.formed:
                 continue
-            silent = [n for n in c.members if now - self.last_seen.get(n, now) > timeout]
-            if len(silent) == len(c.members):
+            ages = [now - self.last_seen.get(n, now) for n in c.members]
+            silent = [n for n, age in zip(c.members, ages, strict=True) if age > timeout]
+            if not any(age <= timeout / 2 for age in ages):
                 self._stopped.add(c.chain_id)
             elif c.chain_id in self._stopped:
                 self._stopped.discard(c.chain_id)
