@@ -133,6 +133,8 @@ class Codec:
             frame header (version, type) for whole frames.
         """
         layout = [(n, "fixed", "B") for n, _ in prefix] + fields_of(declaration)
+        if not layout:
+            raise Unsupported("a declaration without fields")
         self.names = [n for n, _, _ in layout[len(prefix) :]]
         self.record = namedtuple(name, self.names)  # type: ignore[misc]  # noqa: PYI024
         self.fixed_size = struct.calcsize(">" + "".join(f for _, _, f in layout))

@@ -170,8 +170,9 @@ def test_generated_codec_with_a_header_prefix():
         Struct("a" / Prefixed(Int8ub, Int8ub)),
         Struct("_private" / Int8ub),
         Struct(Int8ub),
+        Struct(),
     ],
-    ids=["little-endian", "array", "prefixed-non-bytes", "underscore-name", "unnamed"],
+    ids=["little-endian", "array", "prefixed-non-bytes", "underscore-name", "unnamed", "empty"],
 )
 def test_unsupported_declarations_are_refused(declaration):
     with pytest.raises(Unsupported):
