@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckv.argtypes import positive, ratio
+
 DESCRIPTION = __doc__.split("\n", 2)[2] if __doc__ else ""
 
 WORKLOADS = ("write", "read", "mixed")
@@ -149,42 +151,19 @@ def make_key(i: int) -> bytes:
 # -- arguments ---------------------------------------------------------------------
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-        return value
-
-    return convert
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench flags (the caller adds --connect and --timeout)."""
     p.add_argument("--workload", "-w", choices=WORKLOADS, default="write",
                    help="what to measure (default: %(default)s)")
-    p.add_argument("--concurrency", type=_positive(int), default=32, metavar="N",
+    p.add_argument("--concurrency", type=positive(int), default=32, metavar="N",
                    help="requests in flight (default: %(default)s)")
-    p.add_argument("--keys", type=_positive(int), default=10000, metavar="N",
+    p.add_argument("--keys", type=positive(int), default=10000, metavar="N",
                    help="size of the key space (default: %(default)s)")
-    p.add_argument("--value-size", type=_positive(int), default=100, metavar="BYTES",
+    p.add_argument("--value-size", type=positive(int), default=100, metavar="BYTES",
                    help="bytes per value (default: %(default)s)")
-    p.add_argument("--duration", type=_positive(float), default=10.0, metavar="S",
+    p.add_argument("--duration", type=positive(float), default=10.0, metavar="S",
                    help="seconds to measure (default: %(default)s)")
-    p.add_argument("--read-ratio", type=_ratio, default=0.5, metavar="R",
+    p.add_argument("--read-ratio", type=ratio, default=0.5, metavar="R",
                    help="fraction of gets in the mixed workload (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line")

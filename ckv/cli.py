@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ckv import __version__
+from ckv.argtypes import positive
 
 DEFAULT_CONNECT = "tcp:127.0.0.1:7200"
 DEFAULT_MASTER = "tcp:127.0.0.1:7000"
@@ -119,26 +120,6 @@ def show_bytes(value: bytes, hexmode: bool) -> bytes:
     return value.hex().encode() if hexmode else value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def _add_connect(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--connect",
@@ -158,7 +139,7 @@ def _add_connect(p: argparse.ArgumentParser) -> None:
         "--timeout",
         "-t",
         metavar="SECONDS",
-        type=_positive_float,
+        type=positive(float),
         default=DEFAULT_TIMEOUT,
         help="give up after this long (default: %(default)s)",
     )
@@ -229,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"client endpoint of the master (default: $CKV_MASTER, "
                    f"else {DEFAULT_MASTER})")
     p.add_argument("--json", action="store_true", help="print the configuration as JSON")
-    p.add_argument("--timeout", "-t", metavar="SECONDS", type=_positive_float,
+    p.add_argument("--timeout", "-t", metavar="SECONDS", type=positive(float),
                    default=DEFAULT_TIMEOUT, help="give up after this long (default: %(default)s)")
     p.set_defaults(func=cmd_status)
 
