@@ -356,17 +356,18 @@ class EngineTests(SynchronousTestCase):
 # -- the Twisted client against fakes ----------------------------------------
 
 
-class ClientTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.clock = task.Clock()
-        self.net = FakeNet(self.clock)
-        self.cluster = FakeCluster(make_config(1, HEAD, T1))
-        self.net.servers[DISPATCHER] = lambda: DispatcherPeer(self.cluster)
-        for m in (T1, T2):
-            self.net.servers[m.endpoint()] = lambda name=m.name: TailPeer(self.cluster, name)
+class FakeNetTestCase(SynchronousTestCase):
+    """Clients on a task.Clock against the fakes above (set up by subclasses)."""
+
+    #: Open clients in direct mode.
+    direct = False
+    clock: task.Clock
+    net: FakeNet
 
     def connect(self, timeout: float = 5.0) -> Client:
-        d = connect(self.clock, DISPATCHER, timeout, endpoint_factory=self.net.endpoint)
+        d = connect(
+            self.clock, DISPATCHER, timeout, endpoint_factory=self.net.endpoint, direct=self.direct
+        )
         self.net.flush()
         client = self.successResultOf(d)
         self.addCleanup(self.close, client)
@@ -381,6 +382,17 @@ class ClientTests(SynchronousTestCase):
     def run_op(self, d: Deferred[Any]) -> Any:
         self.net.flush()
         return self.successResultOf(d)
+
+
+class ClientTests(FakeNetTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.net = FakeNet(self.clock)
+        self.cluster = FakeCluster(make_config(1, HEAD, T1))
+        self.net.servers[DISPATCHER] = lambda: DispatcherPeer(self.cluster)
+        for m in (T1, T2):
+            self.net.servers[m.endpoint()] = lambda name=m.name: TailPeer(self.cluster, name)
+
 
     def dispatcher_peer(self) -> DispatcherPeer:
         return [p for p in self.net.peers(DispatcherPeer) if p.alive][-1]
@@ -720,7 +732,9 @@ def key_of(chain_id: int, n: int = 0) -> bytes:
     return found[n]
 
 
-class DirectClientTests(SynchronousTestCase):
+class DirectClientTests(FakeNetTestCase):
+    direct = True
+
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.net = FakeNet(self.clock)
@@ -729,24 +743,6 @@ class DirectClientTests(SynchronousTestCase):
         for m in (HEAD, T1, H2, T2, J):
             self.net.servers[m.endpoint()] = lambda name=m.name: TailPeer(self.cluster, name)
 
-    def connect(self, timeout: float = 5.0) -> Client:
-        d = connect(
-            self.clock, DISPATCHER, timeout, endpoint_factory=self.net.endpoint, direct=True
-        )
-        self.net.flush()
-        client = self.successResultOf(d)
-        self.addCleanup(self.close, client)
-        return client
-
-    def close(self, client: Client) -> None:
-        d = client.close()
-        self.net.flush()
-        self.successResultOf(d)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def run_op(self, d: Deferred[Any]) -> Any:
-        self.net.flush()
-        return self.successResultOf(d)
 
     def sent_to(self) -> list[tuple[str, int, int, int, int]]:
         """(node, op, lane, request id, epoch) of every direct request so far."""
