@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -615,17 +616,28 @@ def random_small_history(rng: random.Random) -> list[Operation]:
     return history
 
 
-def test_agrees_with_brute_force() -> None:
-    rng = random.Random(7)
+def assert_agrees(
+    make: Callable[[random.Random], list[Operation]],
+    oracle: Callable[[list[Operation]], bool],
+    seed: int,
+    runs: int,
+    least_of_each: int,
+) -> None:
+    """check() gives the oracle's verdict on C{runs} histories from C{make}."""
+    rng = random.Random(seed)
     verdicts = {True: 0, False: 0}
-    for _ in range(1500):
-        history = random_small_history(rng)
-        expected = brute_force(history)
+    for _ in range(runs):
+        history = make(rng)
+        expected = oracle(history)
         res = check(history)
         assert res.ok is expected, (history, res.explanation)
         verdicts[expected] += 1
     # Both verdicts are well represented.
-    assert min(verdicts.values()) > 300, verdicts
+    assert min(verdicts.values()) > least_of_each, verdicts
+
+
+def test_agrees_with_brute_force() -> None:
+    assert_agrees(random_small_history, brute_force, seed=7, runs=1500, least_of_each=300)
 
 
 def perturbed_history(rng: random.Random) -> list[Operation]:
@@ -652,15 +664,7 @@ def perturbed_history(rng: random.Random) -> list[Operation]:
 
 
 def test_agrees_with_reference_on_medium_histories() -> None:
-    rng = random.Random(11)
-    verdicts = {True: 0, False: 0}
-    for _ in range(400):
-        history = perturbed_history(rng)
-        expected = reference_check(history)
-        res = check(history)
-        assert res.ok is expected, (history, res.explanation)
-        verdicts[expected] += 1
-    assert min(verdicts.values()) > 80, verdicts
+    assert_agrees(perturbed_history, reference_check, seed=11, runs=400, least_of_each=80)
 
 
 # --- performance -----------------------------------------------------------------
