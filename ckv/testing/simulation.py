@@ -526,7 +526,7 @@ class SimNode:
             # An ack lost with the previous link is not lost for good.
             held = r.committed_seq if r.successor is None else r.acked_seq
             if held:
-                self.sim.send(conn, self.name, wire.encode(T.ACK, epoch=r.epoch, seq=held))
+                self.sim.send(conn, self.name, wire.ack(r.epoch, held))
 
     def protocol_error(self, conn: Conn, code: wire.ErrorCode, message: str) -> None:
         if conn.failed:
