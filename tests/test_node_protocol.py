@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import lmdb
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -581,3 +582,24 @@ def test_sweep_chunks_and_commits_take_turns(tmp_path, request, monkeypatch):
         node.reactor.advance(0)
     assert done.result == 2
     assert node.store.get(b"k") == b"w"
+
+
+def test_a_failed_sweep_is_given_up_and_the_node_goes_on(tmp_path, request, monkeypatch):
+    """A sweep whose transaction fails (map full, store closing) ends; commits go on."""
+    node = make_node(tmp_path, request, "n1")
+    node.session_ttl = 100.0
+    node.on_config(config("n1"))
+
+    def broken(*args: Any) -> Any:
+        raise lmdb.MapFullError("full")
+
+    monkeypatch.setattr(node.store, "expire_sessions", broken)
+    d = node.expire_sessions()
+    assert d.result == 0
+    assert node._sweep_start is None and not node._sweeping
+    proto, tr = connect(node)
+    hello(proto, tr)
+    proto.dataReceived(request_frame(CID_A, 1, b"k", b"v"))
+    assert node.store.get(b"k") == b"v"
+    monkeypatch.undo()
+    assert node.expire_sessions().result == 0  # a later sweep starts afresh
