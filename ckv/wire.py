@@ -86,6 +86,7 @@ class MessageType(enum.IntEnum):
     SNAPSHOT = 24
     SNAPSHOT_ACK = 25
     FENCE = 26
+    COMMITTED = 27
 
 
 class Op(enum.IntEnum):
@@ -248,6 +249,10 @@ SnapshotAck = Struct("epoch" / Int64ub, "chunk" / Int32ub)
 
 Fence = Struct("epoch" / Int64ub, "seq" / Int64ub)
 
+# The durability frontier, sent down the chain: every entry up to seq is
+# committed on the sender and on every node before it.
+Committed = Struct("epoch" / Int64ub, "seq" / Int64ub)
+
 #: Payload layout of every message type.
 MESSAGES: dict[int, Construct] = {
     MessageType.REQUEST.value: Request,
@@ -268,6 +273,7 @@ MESSAGES: dict[int, Construct] = {
     MessageType.SNAPSHOT.value: Snapshot,
     MessageType.SNAPSHOT_ACK.value: SnapshotAck,
     MessageType.FENCE.value: Fence,
+    MessageType.COMMITTED.value: Committed,
 }
 
 #: The whole frame body, interpreted (slow, used as the reference in tests).
@@ -405,6 +411,11 @@ def encode_entry(e: Any) -> bytes:
 def ack(epoch: int, seq: int) -> bytes:
     """Build an ACK frame."""
     return _ACK_CODEC.encode(epoch, seq)
+
+
+def committed(epoch: int, seq: int) -> bytes:
+    """Build a COMMITTED frame (the durability frontier, sent down the chain)."""
+    return encode(MessageType.COMMITTED, epoch=epoch, seq=seq)
 
 
 def decode(data: bytes) -> tuple[int, Container]:

@@ -181,6 +181,8 @@ def seqs_of(actions: Iterable[Action]) -> list[int]:
     for a in actions:
         if a.kind == TO_SUCCESSOR:
             mtype, body = wire.decode(a.frame)
+            if mtype == MessageType.COMMITTED:
+                continue
             assert mtype == MessageType.UPDATES
             out += [e.seq for e in body.entries]
     return out
@@ -252,10 +254,16 @@ class Harness:
     def submit(self, request: Container, origin: Any = "origin") -> None:
         head = self.chain.members[0].name
         self.route(head, self.replicas[head].on_client_update(request, origin))
+        self.forward(head)
+
+    def forward(self, name: str) -> None:
+        """What the node sends on at the end of every step (as NodeService.kick)."""
+        self.route(name, self.replicas[name].forward())
 
     def commit(self, name: str) -> bool:
         actions = commit(self.replicas[name], self.stores[name])
         self.route(name, actions)
+        self.forward(name)
         return actions is not None
 
     def connect(self, pred: str, succ: str) -> list[Action]:
@@ -287,11 +295,21 @@ class Harness:
             self.route(dst, r.on_updates(body.epoch, list(body.entries)))
         elif mtype == MessageType.ACK:
             self.route(dst, r.on_ack(body.epoch, body.seq))
+        elif mtype == MessageType.COMMITTED:
+            self.route(dst, r.on_committed(body.epoch, body.seq))
         elif mtype == MessageType.FENCE:
             r.on_fence(body.epoch, body.seq)
         else:  # pragma: no cover
             raise AssertionError(mtype)
+        self.forward(dst)
         return True
+
+    def deliver_all(self, src: str, dst: str) -> int:
+        """Deliver every frame in flight from C{src} to C{dst}; how many."""
+        n = 0
+        while self.deliver(src, dst):
+            n += 1
+        return n
 
     def connect_all(self) -> None:
         for p, s in self.pairs():

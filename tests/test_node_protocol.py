@@ -294,7 +294,11 @@ def test_chain_hello_then_updates(pair):
     entries = [Entry(i, CID_A, 0, i, int(Op.PUT), int(Status.OK), b"k", b"%d" % i).to_wire()
                for i in (1, 2)]
     proto.dataReceived(framed(wire.encode(MessageType.UPDATES, epoch=1, entries=entries)))
-    # Committed inline: the tail replies to the client and acks upstream.
+    # Committed inline, but not known to be on the predecessor's disk yet.
+    assert received(ctr) == [] and received(tr) == []
+    assert tail.store.get(b"k") == b"2"
+    # Now it is: the tail replies to the client and acks upstream.
+    proto.dataReceived(framed(wire.committed(1, 2)))
     assert [(m, b.request_id) for m, b in received(ctr)] == [
         (MessageType.REPLY, 1), (MessageType.REPLY, 2),
     ]

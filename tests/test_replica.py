@@ -16,6 +16,7 @@ from ckv.chain.replica import (
     TO_ORIGIN,
     TO_PREDECESSOR,
     TO_SUCCESSOR,
+    Action,
     HelloRefused,
     Replica,
 )
@@ -226,18 +227,61 @@ def test_not_tail():
     assert error_of(a)[0] == Status.NOT_TAIL
 
 
-def test_query_at_tail_reads_committed_state_only():
+def test_query_of_a_key_with_an_unsettled_write_waits_for_it():
     r, store = single()
     (a,) = r.on_query(get(b"k", request_id=1), "conn")
     assert a.kind == TO_CLIENT and a.target == CID_A and a.origin == "conn"
     assert reply_of(a) == (CID_A, 1, Status.NOT_FOUND, b"")
     r.on_client_update(put(b"k", b"v", request_id=2))
-    (a,) = r.on_query(get(b"k", request_id=3))
-    assert reply_of(a)[2] == Status.NOT_FOUND  # not committed yet
+    # The write may reach the tail's store before every disk has it: a
+    # query of its key waits, and is answered with it once settled.
+    assert r.on_query(get(b"k", request_id=3), "conn") == []
+    (other,) = r.on_query(get(b"other", request_id=4))
+    assert reply_of(other)[2] == Status.NOT_FOUND
+    actions = commit(r, store)
+    assert [reply_of(x)[1:] for x in actions] == [
+        (2, Status.OK, b""), (3, Status.OK, b"v")]
+    assert actions[1].origin == "conn"
+    (a,) = r.on_query(get(b"k", request_id=5))
+    assert reply_of(a) == (CID_A, 5, Status.OK, b"v")
+    assert r.queries_answered == 4
+
+
+def test_a_waiting_query_is_answered_with_its_write_not_a_later_one():
+    r, store = single()
+    r.on_client_update(put(b"k", b"1", request_id=1))
+    assert r.on_query(get(b"k", request_id=2)) == []
+    batch = r.take_batch()
+    r.on_client_update(delete(b"k", request_id=3))
+    assert r.on_query(get(b"k", request_id=4)) == []
+    store.commit(batch)
+    actions = r.batch_committed(batch)
+    assert [reply_of(x)[1:3] for x in actions] == [(1, Status.OK), (2, Status.OK)]
+    assert reply_of(actions[1])[3] == b"1"
+    actions = commit(r, store)
+    assert [reply_of(x)[1:3] for x in actions] == [(3, Status.OK), (4, Status.NOT_FOUND)]
+
+
+def test_a_waiting_query_is_refused_when_the_lease_is_gone_or_the_tail_moves():
+    lease = [True]
+    store = FakeStore()
+    r = Replica("b", store, lease_ok=lambda: lease[0])
+    r.on_config(make_chain(["a", "b"]))
+    r.on_chain_hello(0, 1, "a")
+    r.on_updates(1, parsed_entries(wire_entry(1, key=b"k"), wire_entry(2, key=b"j")))
+    assert r.on_query(get(b"k", request_id=7)) == []
+    assert r.on_query(get(b"j", request_id=8)) == []
     commit(r, store)
-    (a,) = r.on_query(get(b"k", request_id=4))
-    assert reply_of(a) == (CID_A, 4, Status.OK, b"v")
-    assert r.queries_answered == 3
+    lease[0] = False
+    actions = r.on_committed(1, 1)
+    (q,) = [x for x in actions if x.kind != TO_PREDECESSOR and reply_of(x)[1] == 7]
+    assert reply_of(q)[2] == Status.UNAVAILABLE
+    # A joining node is promoted after us: the other query goes there.
+    actions = r.on_config(Chain(0, 2, (member("a"), member("b")), (member("j"),)))
+    assert actions == []
+    actions = r.on_config(Chain(0, 3, (member("a"), member("b"), member("j"))))
+    (q,) = [x for x in actions if x.kind == TO_ORIGIN]
+    assert reply_of(q)[1:3] == (8, Status.NOT_TAIL)
 
 
 def test_query_without_lease():
@@ -371,28 +415,44 @@ def test_no_client_entries_record_no_session_and_get_no_reply():
 # -- the chain: forwarding, replies, acks -------------------------------------
 
 
-def test_updates_flow_and_tail_replies_after_commit():
+def committed_frames(h: Harness, src: str, dst: str) -> list[int]:
+    """The seqs of the COMMITTED frames in flight from C{src} to C{dst}."""
+    out = []
+    for frame in h.links[(src, dst)]:
+        mtype, body = wire.decode(frame)
+        if mtype == MessageType.COMMITTED:
+            out.append(body.seq)
+    return out
+
+
+def test_updates_flow_before_commit_and_the_tail_replies_once_every_disk_has_them():
     h = Harness(["a", "b", "c"])
     h.connect_all()
     a, b, c = (h.replicas[n] for n in "abc")
     h.submit(put(b"k", b"v", request_id=1))
     h.submit(put(b"j", b"w", request_id=2))
-    assert not h.links[("a", "b")]  # nothing leaves before commit
+    # Forwarded at once: the disks of the chain work in parallel.
+    assert len(h.links[("a", "b")]) == 2 and committed_frames(h, "a", "b") == []
+    assert h.deliver_all("a", "b") == 2
+    assert b.applied_seq == 2 and b.committed_seq == 0
+    assert h.deliver_all("b", "c") == 2
+    h.commit("c")
+    assert c.committed_seq == 2
+    assert h.replies == [] and not h.links[("c", "b")]  # not on every disk yet
+    h.commit("b")
+    assert committed_frames(h, "b", "c") == []  # a has not committed yet
     assert h.commit("a")
     assert h.stores["a"].data == {b"k": b"v", b"j": b"w"}
     assert list(e.seq for e in a.sent) == [1, 2]
-    assert h.deliver("a", "b")
-    assert b.applied_seq == 2 and b.committed_seq == 0
-    assert not h.links[("b", "c")]
-    h.commit("b")
+    assert committed_frames(h, "a", "b") == [2]
+    h.deliver_all("a", "b")
+    assert committed_frames(h, "b", "c") == [2]
     assert [e.seq for e in b.sent] == [1, 2]
-    h.deliver("b", "c")
-    assert c.applied_seq == 2
-    assert h.replies == []  # the tail replies only after commit
-    h.commit("c")
+    assert h.replies == []
+    h.deliver_all("b", "c")
     assert h.reply_statuses() == [(CID_A, 1, Status.OK), (CID_A, 2, Status.OK)]
     assert all(x.target == CID_A for x in h.replies)
-    assert list(c.sent) == [] and c.acked_seq == 2
+    assert list(c.sent) == [] and c.acked_seq == 2 and c.frontier() == 2
     # The ack travels upstream, pruning sent on the way.
     (ack,) = h.links[("c", "b")]
     mtype, body = wire.decode(ack)
@@ -419,14 +479,15 @@ def test_cumulative_acks_prune_partially():
         h.submit(put(b"k%d" % i, b"v", request_id=i))
         h.commit("a")
     assert [e.seq for e in h.head.sent] == [1, 2, 3, 4, 5]
-    assert len(h.links[("a", "b")]) == 5
+    assert seqs_of([Action(TO_SUCCESSOR, f) for f in h.links[("a", "b")]]) == [1, 2, 3, 4, 5]
+    assert committed_frames(h, "a", "b") == [1, 2, 3, 4, 5]
     assert h.replicas["a"].on_ack(1, 3) == []  # the head acks no one
     assert [e.seq for e in h.head.sent] == [4, 5]
     assert h.replicas["a"].on_ack(1, 2) == []  # older ack: ignored
     assert [e.seq for e in h.head.sent] == [4, 5]
     # A middle passes acks upstream.
-    h.deliver("a", "b")
-    h.deliver("a", "b")
+    for _ in range(4):  # UPDATES 1, COMMITTED 1, UPDATES 2, COMMITTED 2
+        h.deliver("a", "b")
     h.commit("b")
     (up,) = b.on_ack(1, 1)
     assert up.kind == TO_PREDECESSOR
@@ -491,12 +552,12 @@ def test_forwarding_waits_for_link_and_resends_exactly_the_missing_entries():
     assert a.forward_cursor is None
     resend = h.connect("a", "b")
     assert seqs_of(resend) == [1, 2, 3]
-    h.deliver("a", "b")
+    h.deliver_all("a", "b")
     h.commit("b")
     h.submit(put(b"k", b"4", request_id=4))
     h.submit(put(b"k", b"5", request_id=5))
     h.commit("a")
-    assert len(h.links[("a", "b")]) == 1  # 4 and 5 in flight
+    assert len(h.links[("a", "b")]) == 3  # 4, 5 and a's frontier in flight
     h.drop("a", "b")  # ... and lost, with the ack for 1..3
     assert b.applied_seq == 3 and a.acked_seq == 0
     resend = h.connect("a", "b")
@@ -512,8 +573,7 @@ def test_resend_above_uncommitted_successor_state():
     h.connect_all()
     for i in range(1, 4):
         h.submit(put(b"k", b"%d" % i, request_id=i))
-    h.commit("a")
-    h.deliver("a", "b")  # b holds 1..3 uncommitted
+    h.deliver_all("a", "b")  # b holds 1..3 uncommitted
     h.submit(put(b"k", b"4", request_id=4))
     h.commit("a")
     h.drop("a", "b")
@@ -623,15 +683,15 @@ def test_middle_becomes_tail_replies_for_sent_and_acks():
         h.submit(put(b"k%d" % i, b"v", request_id=i))
     h.submit(put(b"n", b"v", client_id=wire.NO_CLIENT))
     h.commit("a")
-    h.deliver("a", "b")
+    h.deliver_all("a", "b")
     h.commit("b")
-    h.deliver("b", "c")
+    h.deliver_all("b", "c")
     h.commit("c")  # c replies 1..4 and acks 4... which is lost with c
     assert len(h.replies) == 3
     h.replies.clear()
     h.submit(put(b"k5", b"v", request_id=5))
     h.commit("a")
-    h.deliver("a", "b")
+    h.deliver_all("a", "b")
     h.commit("b")  # 5 is in b's sent, not at c
     assert [e.seq for e in b.sent] == [1, 2, 3, 4, 5]
     h.drop("b", "c")
@@ -667,14 +727,17 @@ def test_becoming_tail_with_a_batch_in_flight():
     h.submit(put(b"k1", b"v", request_id=1))
     h.submit(put(b"k2", b"v", request_id=2))
     h.commit("a")
-    h.deliver("a", "b")
+    h.deliver_all("a", "b")
     batch = b.take_batch()
     assert batch.keep_sent
     h.drop("b", "c")
-    assert b.on_config(make_chain(["a", "b"], epoch=2)) == []  # sent is empty
+    # Not on our disk yet: nothing settles before the batch is.
+    assert b.on_config(make_chain(["a", "b"], epoch=2)) == []
+    assert b.on_query(get(b"k1")) == []  # waits for seq 1
     h.stores["b"].commit(batch)
     actions = b.batch_committed(batch)
-    assert [reply_of(x)[1] for x in actions if x.kind == TO_CLIENT] == [1, 2]
+    # The replies to 1 and 2, and (after 1) the query of k1, answered.
+    assert [reply_of(x)[1] for x in actions if x.kind == TO_CLIENT] == [1, 1, 2]
     (ack,) = [x for x in actions if x.kind == TO_PREDECESSOR]
     assert wire.decode(ack.frame)[1].seq == 2
     # The sent entries the batch stored are pruned next.
@@ -692,9 +755,9 @@ def test_middle_removed_then_resend_to_new_successor():
     for i in range(1, 4):
         h.submit(put(b"k%d" % i, b"v", request_id=i))
     h.commit("a")
-    h.deliver("a", "b")
+    h.deliver_all("a", "b")
     h.commit("b")
-    h.deliver("b", "c")  # c has 1..3, a has them in sent
+    h.deliver_all("b", "c")  # c has 1..3, a has them in sent
     a, c = h.replicas["a"], h.replicas["c"]
     new = make_chain(["a", "c"], epoch=2)
     a.on_config(new)
@@ -703,8 +766,8 @@ def test_middle_removed_then_resend_to_new_successor():
     mtype, body = wire.decode(c.on_chain_hello(0, 2, "a"))
     assert body.applied_seq == 3
     assert seqs_of(a.on_successor_ready(body.epoch, body.applied_seq)) == []
-    h.submit(put(b"k4", b"v", request_id=4))
-    assert seqs_of(commit(a, h.stores["a"])) == [4]
+    a.on_client_update(put(b"k4", b"v", request_id=4))
+    assert seqs_of(a.forward()) == [4]
 
 
 # -- commit mechanics --------------------------------------------------------------
@@ -774,9 +837,10 @@ def test_restart_from_a_real_store_resends_the_durable_sent_list(tmp_path):
         for i in range(1, 5):
             h.submit(put(b"k%d" % i, b"v%d" % i, request_id=i))
         h.commit("a")
-        h.deliver("a", "b")
+        h.deliver_all("a", "b")
         h.commit("b")
         h.deliver("b", "a")  # ack 4
+        h.drop("a", "b")
         h.submit(put(b"k5", b"v5", request_id=5))
         h.submit(put(b"k6", b"v6", request_id=6))
         h.commit("a")  # also persists the prune of 1..4
@@ -812,15 +876,16 @@ def check_invariants(h: Harness) -> None:
         hist = h.accepted(n)
         assert [e.seq for e in hist] == list(range(1, len(hist) + 1)), n
     for i, p in enumerate(names):
-        hp = h.history(p)
+        hp = h.accepted(p)
         for s in names[i + 1 :]:
             # Update propagation: a later node's history is a prefix.
             hs = h.accepted(s)
             assert hs == hp[: len(hs)], (p, s)
     for p, s in h.pairs():
         # In-process requests: history(pred) = history(succ) + sent(pred), where
-        # the part of history(succ) that counts is what the tail acknowledged.
-        hp, hs = h.history(p), h.history(s)
+        # the part of history(succ) that counts is what the tail acknowledged
+        # (accepted histories: a node forwards before it commits).
+        hp, hs = h.accepted(p), h.accepted(s)
         sent = list(h.replicas[p].sent)
         k = len(hp) - len(sent)
         assert len(hs) >= k, (p, s, len(hs), k)
@@ -918,7 +983,7 @@ def test_random_schedule_keeps_invariants(seed, length):
             if down:
                 p, s = rng.choice(down)
                 want = list(range(h.replicas[s].applied_seq + 1,
-                                  h.replicas[p].committed_seq + 1))
+                                  h.replicas[p].applied_seq + 1))
                 assert seqs_of(h.connect(p, s)) == want
         check_invariants(h)
     # Heal every link, then drain; one last update flushes the cumulative ack.

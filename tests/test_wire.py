@@ -200,6 +200,7 @@ SAMPLES: list[tuple[str, MessageType, dict]] = [
       "records": []}),
     ("snapshot-ack", MessageType.SNAPSHOT_ACK, {"epoch": 3, "chunk": 7}),
     ("fence", MessageType.FENCE, {"epoch": 4, "seq": 123}),
+    ("committed", MessageType.COMMITTED, {"epoch": 5, "seq": 456}),
 ]
 
 SAMPLE_IDS = [s[0] for s in SAMPLES]
@@ -237,7 +238,7 @@ def test_type_numbers_are_the_protocol():
         "REQUEST": 1, "REPLY": 2, "CLIENT_HELLO": 3, "WELCOME": 4, "ERROR": 5, "WATCH": 6,
         "CONFIG": 7, "REGISTER": 10, "HEARTBEAT": 11, "HEARTBEAT_REPLY": 12, "JOINED": 13,
         "CHAIN_HELLO": 20, "CHAIN_HELLO_REPLY": 21, "UPDATES": 22, "ACK": 23,
-        "SNAPSHOT": 24, "SNAPSHOT_ACK": 25, "FENCE": 26,
+        "SNAPSHOT": 24, "SNAPSHOT_ACK": 25, "FENCE": 26, "COMMITTED": 27,
     }
     assert {o.name: o.value for o in Op} == {
         "GET": 1, "PUT": 2, "DELETE": 3, "CAS": 4, "NOOP": 5}
@@ -337,7 +338,7 @@ def _expected_size(mtype, f):
                                        for i in f["records"])
     if mtype is MessageType.SNAPSHOT_ACK:
         return 12
-    if mtype is MessageType.FENCE:
+    if mtype in (MessageType.FENCE, MessageType.COMMITTED):
         return 16
     raise AssertionError(mtype)
 

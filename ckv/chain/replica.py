@@ -11,12 +11,24 @@ adapter can run it on a thread and group many updates in one transaction.
 Histories and invariants (DESIGN.md section 1):
 
   - C{applied_seq}: the highest seq accepted into this node's history (in
-    seq order, no gaps).  Updates are accepted in memory first, then
-    committed in batches; nothing leaves the node before it is committed.
-  - C{sent}: entries committed here and meant for the successor, not yet
-    acknowledged by the tail.  C{history(pred) = history(succ) + sent(pred)}.
-  - The tail replies to clients after it has committed, and acknowledges
-    upstream cumulatively.
+    seq order, no gaps).  Updates are accepted in memory, forwarded at once
+    (L{Replica.forward}) and committed in batches meanwhile: the nodes of a
+    chain write the same update to their disks in parallel (pipelined
+    durability, doc/design.md).
+  - C{sent}: entries accepted here and not yet settled: meant for the
+    successor, not yet acknowledged.  C{history(pred) = history(succ) +
+    sent(pred)} for the accepted histories of running nodes.
+  - The durability frontier flows down the chain in COMMITTED frames: a
+    node sends C{min(its committed seq, its predecessor's frontier)}.  The
+    tail settles an entry (replies to its client, acknowledges upstream)
+    only once the entry is within its own frontier, so an acknowledged
+    update is on the disk of every member.
+  - A node that restarts lost what it had accepted but not committed, and
+    its successor may hold some of it.  So a restarted node is not
+    C{verified}: it decides nothing and accepts nothing until its
+    successor's CHAIN_HELLO_REPLY shows it is not ahead; if it is ahead,
+    the node C{left}: it registers as having lost its chain, the master
+    removes it, and it rejoins by state transfer.
 """
 
 from __future__ import annotations
@@ -93,6 +105,7 @@ class Replica:
         store: StoreReader,
         recovered: Recovered | None = None,
         lease_ok: Callable[[], bool] | None = None,
+        restarted: bool = False,
     ) -> None:
         rec = recovered or Recovered()
         self.name = name
@@ -102,11 +115,39 @@ class Replica:
         self.chain: Chain | None = None
         self.applied_seq = rec.applied_seq
         self.committed_seq = rec.applied_seq
-        #: Highest seq known to be at the tail (a tail: its own commits).
-        self.acked_seq = rec.sent[0].seq - 1 if rec.sent else rec.applied_seq
+        sent = list(rec.sent)
+        #: The highest seq written to the sent list on disk (what a prune
+        #: could still have to remove).
+        self._sent_on_disk = sent[-1].seq if sent else 0
+        if sent and sent[-1].seq != rec.applied_seq:
+            # Left over from before this node was a tail (a tail keeps no
+            # sent list on disk): nothing to resend from there.
+            sent = []
+        #: Highest seq settled: on every member's disk and answered (a
+        #: tail: its own frontier).  After a restart only what the sent
+        #: list proves: the frontier of a tail's last commits is unknown.
+        if rec.sent:
+            self.acked_seq = rec.sent[0].seq - 1
+        else:
+            self.acked_seq = 0 if restarted else rec.applied_seq
         #: Highest seq our successor acknowledged: what `sent` is pruned by.
         self.succ_acked = self.acked_seq
-        self.sent: deque[Entry] = deque(rec.sent)
+        self.sent: deque[Entry] = deque(sent)
+        #: The frontier received from the predecessor: every entry up to it
+        #: is on the disk of every node before us.
+        self.pred_durable = 0
+        #: The frontier last sent on the current successor link.
+        self._frontier_sent = 0
+        #: False after a restart until the successor is known not to be
+        #: ahead (see the module docstring).
+        self.verified = not restarted
+        #: The successor was ahead after a restart: leave and rejoin.
+        self.left = False
+        #: As the tail: key -> seq of the last unsettled entry writing it;
+        #: a query for such a key waits until that entry settles.
+        self._unsettled: dict[bytes, int] = {}
+        self._parked: dict[int, list[tuple[Any, Any]]] = {}
+        self._tracking = False
         self.pending: list[Entry] = []
         self.committing: list[Entry] | None = None
         self._overlay: dict[bytes, tuple[int, bytes | None]] = {}
@@ -210,17 +251,38 @@ class Replica:
                 # Its FENCE may have come before this configuration did.
                 if self._fence_seen is not None and self._fence_seen[0] >= self.epoch:
                     self.read_fence = self._fence_seen[1]
-            elif self.sent and self.successor is None:
-                # Our successor is gone: every entry in sent is now at the tail.
-                actions += self._replies_for(self.sent)
-                actions += self._ack_upstream(self.sent[-1].seq)
-                self.acked_seq = self.succ_acked = self.sent[-1].seq
-                self.sent.clear()
+            if self.successor is None:
                 self.forward_cursor = None
-        elif was_tail and not self.is_tail and self.is_member:
-            # No longer the tail: tell the new tail what we may have answered.
-            actions += self._fence()
-        return actions
+            # Entries not settled yet (our old successor's, or accepted
+            # before this configuration) are answered as they settle; their
+            # keys are read only once they have.
+            self._tracking = True
+            self._unsettled = {
+                e.key: e.seq for e in self.sent if e.seq > self.acked_seq and e.op != Op.NOOP
+            }
+        elif was_tail and not self.is_tail:
+            actions += self._stop_tracking()
+            if self.is_member:
+                # No longer the tail: tell the new tail what we may have answered.
+                actions += self._fence()
+        if (self.is_member or self.is_joining) and (
+            self.successor is None or self.successor_is_joining
+        ):
+            # Nobody after us can be ahead of us (a joining node is wiped).
+            self.verified = True
+            self.left = False
+        return actions + self._settle()
+
+    def _stop_tracking(self) -> list[Action]:
+        """We stop being the tail: queries waiting for an entry are refused (retried)."""
+        self._tracking = False
+        self._unsettled = {}
+        parked, self._parked = self._parked, {}
+        return [
+            self._error(req, origin, Status.NOT_TAIL, f"{self.name} is no longer the tail")
+            for waiting in parked.values()
+            for req, origin in waiting
+        ]
 
     def _fence(self) -> list[Action]:
         """A FENCE marker after everything we committed (only once forwarded)."""
@@ -244,7 +306,7 @@ class Replica:
         fence = self.read_fence
         if fence is None:
             return False
-        if fence != FENCE_PENDING and self.committed_seq >= fence:
+        if fence != FENCE_PENDING and self.acked_seq >= fence:
             self.read_fence = None
             return False
         return True
@@ -255,6 +317,15 @@ class Replica:
         """A put, delete or cas from a client (through the dispatcher or direct)."""
         if not self.is_head:
             return [self._error(req, origin, Status.NOT_HEAD, f"{self.name} is not the head")]
+        if not self.verified:
+            return [
+                self._error(
+                    req,
+                    origin,
+                    Status.UNAVAILABLE,
+                    f"{self.name} restarted and is checking its successor",
+                )
+            ]
         bad = wire.check_request(req)
         if bad is not None:
             return [self._error(req, origin, bad[0], bad[1])]
@@ -345,6 +416,12 @@ class Replica:
         bad = wire.check_request(req)
         if bad is not None:
             return [self._error(req, origin, bad[0], bad[1])]
+        waiting_for = self._unsettled.get(req.key)
+        if waiting_for is not None:
+            # The store may hold a write of this key that is not on every
+            # disk yet: answer with that write once it is.
+            self._parked.setdefault(waiting_for, []).append((req, origin))
+            return []
         value = self.store.get(req.key)
         self.queries_answered += 1
         if value is None:
@@ -386,6 +463,11 @@ class Replica:
                 f"{name} is not the predecessor of {self.name} in chain {self.chain_id} "
                 f"epoch {self.epoch}",
             )
+        if not self.verified:
+            raise HelloRefused(
+                wire.ErrorCode.REJECTED,
+                f"{self.name} restarted and is checking its successor; retry shortly",
+            )
         self._held.clear()
         if committed_seq is not None:
             # The predecessor resends everything up to there on this link.
@@ -408,14 +490,27 @@ class Replica:
         """The successor answered our hello: resend what it lacks, then stream."""
         if epoch != self.epoch:
             return []
-        if successor_applied > self.committed_seq:
+        if successor_applied > self.applied_seq:
+            if not self.verified:
+                # We lost, in a restart, updates we had forwarded: leave, and
+                # come back by state transfer (none of them was acknowledged).
+                self.log.warn(
+                    "successor {succ} is ahead of {name} after a restart (seq {theirs} against "
+                    "{ours}): leaving the chain to rejoin by state transfer",
+                    succ=self.successor,
+                    name=self.name,
+                    theirs=successor_applied,
+                    ours=self.applied_seq,
+                )
+                self.left = True
+                return []
             self.log.critical(
-                "successor {succ} is ahead of {name}: it has seq {theirs}, we committed {ours}; "
+                "successor {succ} is ahead of {name}: it has seq {theirs}, we have {ours}; "
                 "not forwarding",
                 succ=self.successor,
                 name=self.name,
                 theirs=successor_applied,
-                ours=self.committed_seq,
+                ours=self.applied_seq,
             )
             return []
         if successor_applied < self.succ_acked:
@@ -427,8 +522,9 @@ class Replica:
                 theirs=successor_applied,
             )
             return []
+        self.verified = True
         self.forward_cursor = successor_applied
-        return self._forward()
+        return self.forward()
 
     def on_transfer_done(self, epoch: int, snapshot_seq: int) -> list[Action]:
         """
@@ -446,10 +542,11 @@ class Replica:
             )
             return []
         self.forward_cursor = snapshot_seq
-        return self._forward()
+        return self.forward()
 
     def on_successor_lost(self) -> None:
         self.forward_cursor = None
+        self._frontier_sent = 0
 
     def on_updates(
         self, epoch: int, entries: list[Any], raws: list[bytes] | None = None
@@ -476,16 +573,103 @@ class Replica:
         """A cumulative ack from the successor: drop acked entries, pass it on."""
         if seq <= self.succ_acked:
             return []
-        sent = self.sent
-        while sent and sent[0].seq <= seq:
-            sent.popleft()
         self.succ_acked = seq
         if self.is_tail or seq <= self.acked_seq:
-            # A tail acknowledges its own commits (this ack is from a
-            # joining node); an older ack was already passed on.
+            # A tail settles by its own frontier (this ack is from a joining
+            # node); an older ack was already passed on.
+            self._prune_sent()
             return []
         self.acked_seq = seq
+        self._prune_sent()
         return self._ack_upstream(seq)
+
+    def on_committed(self, epoch: int, seq: int) -> list[Action]:
+        """The predecessor's durability frontier: everything up to C{seq} is on disk before us."""
+        if seq <= self.pred_durable:
+            return []
+        self.pred_durable = seq
+        return self._settle()
+
+    def frontier(self) -> int:
+        """Every entry up to this seq is on our disk and on every disk before us."""
+        if self.predecessor is None:
+            return self.committed_seq
+        return min(self.committed_seq, self.pred_durable)
+
+    def _sent_floor(self) -> int:
+        """Entries of C{sent} up to this seq are no longer needed."""
+        if self.is_tail:
+            if self.successor is not None:
+                # Kept for the joining node too, until it has them.
+                return min(self.acked_seq, self.succ_acked)
+            return self.acked_seq
+        if self.is_joining:
+            return self.acked_seq
+        return self.succ_acked
+
+    def _prune_sent(self) -> None:
+        floor = self._sent_floor()
+        sent = self.sent
+        while sent and sent[0].seq <= floor:
+            sent.popleft()
+
+    def _settle(self) -> list[Action]:
+        """
+        The tail (or a joining node): settle every entry within our
+        frontier.  The tail answers its clients and the queries waiting
+        for those entries; both acknowledge upstream.
+        """
+        if not (self._tracking or self.is_joining):
+            return []
+        f = self.frontier()
+        if f <= self.acked_seq:
+            return []
+        actions: list[Action] = []
+        if self._tracking:
+            sent = self.sent
+            i = max(0, self.acked_seq + 1 - sent[0].seq) if sent else 0
+            unsettled, parked = self._unsettled, self._parked
+            while i < len(sent):
+                e = sent[i]
+                if e.seq > f:
+                    break
+                i += 1
+                if e.client_id != wire.NO_CLIENT:
+                    actions.append(
+                        Action(
+                            TO_CLIENT,
+                            wire.reply(e.client_id, e.request_id, Status(e.status)),
+                            e.client_id,
+                        )
+                    )
+                if e.op == Op.NOOP:
+                    continue
+                if unsettled.get(e.key) == e.seq:
+                    del unsettled[e.key]
+                waiting = parked.pop(e.seq, None)
+                if waiting:
+                    actions += self._answer_parked(waiting, e)
+        self.acked_seq = f
+        if self.successor is None:
+            self.succ_acked = f
+        self._prune_sent()
+        return actions + self._ack_upstream(f)
+
+    def _answer_parked(self, waiting: list[tuple[Any, Any]], e: Entry) -> list[Action]:
+        out = []
+        for req, origin in waiting:
+            if not self._lease_ok():
+                out.append(
+                    self._error(req, origin, Status.UNAVAILABLE, f"{self.name} holds no read lease")
+                )
+                continue
+            self.queries_answered += 1
+            if e.op == Op.PUT:
+                frame = wire.reply(req.client_id, req.request_id, Status.OK, e.value)
+            else:
+                frame = wire.reply(req.client_id, req.request_id, Status.NOT_FOUND)
+            out.append(Action(TO_CLIENT, frame, req.client_id, origin))
+        return out
 
     def _ack_upstream(self, seq: int) -> list[Action]:
         if self.predecessor is None:
@@ -497,10 +681,13 @@ class Replica:
     def _accept(self, entry: Entry, skey: bytes | None = None) -> None:
         self.applied_seq = entry.seq
         self.pending.append(entry)
+        self.sent.append(entry)
         if entry.op == Op.PUT:
             self._overlay[entry.key] = (entry.seq, entry.value)
         elif entry.op == Op.DELETE:
             self._overlay[entry.key] = (entry.seq, None)
+        if self._tracking and entry.op != Op.NOOP:
+            self._unsettled[entry.key] = entry.seq
         if entry.client_id != wire.NO_CLIENT:
             if skey is None:
                 skey = session_key(entry.client_id, entry.lane)
@@ -552,7 +739,10 @@ class Replica:
         """
         if self.committing is not None:
             return None
-        prune = self.succ_acked if self.succ_acked > self._prune_persisted else 0
+        floor = self._sent_floor()
+        prune = 0
+        if floor > self._prune_persisted and self._sent_on_disk > self._prune_persisted:
+            prune = floor
         if not self.pending and not prune and not self._meta_dirty:
             return None
         self.committing, self.pending = self.pending, []
@@ -561,6 +751,8 @@ class Replica:
             keep_sent=self.successor is not None,
             prune_sent_upto=prune,
         )
+        if batch.keep_sent and batch.entries:
+            self._sent_on_disk = batch.entries[-1].seq
         if self._meta_dirty:
             batch.epoch = self.epoch
             batch.chain_id = self.chain_id
@@ -568,7 +760,7 @@ class Replica:
         return batch
 
     def batch_committed(self, batch: Batch) -> list[Action]:
-        """The batch is durable: forward it, or (tail) reply and ack."""
+        """The batch is on disk: the tail settles what is now within its frontier."""
         entries = self.committing or []
         self.committing = None
         if batch.prune_sent_upto:
@@ -587,23 +779,7 @@ class Replica:
                 if shit is not None and shit[2] == e.seq:
                     del soverlay[skey]
                     self._cache_session(skey, shit)
-        actions: list[Action] = []
-        if self.is_tail:
-            actions = self._replies_for(entries)
-            self.acked_seq = self.committed_seq
-            actions += self._ack_upstream(self.committed_seq)
-        if self.successor is not None:
-            # A middle node, or a tail extending the chain to a joining node.
-            self.sent.extend(entries)
-            return actions + self._forward()
-        if not self.is_tail:
-            # A joining node: acknowledge to the tail what it holds.
-            self.acked_seq = self.committed_seq
-            actions += self._ack_upstream(self.committed_seq)
-        self.succ_acked = self.committed_seq
-        if not batch.keep_sent:
-            self._prune_persisted = max(self._prune_persisted, self.committed_seq)
-        return actions
+        return self._settle()
 
     def batch_failed(self, batch: Batch) -> None:
         """The commit failed (for example the map was full): retry it next."""
@@ -613,21 +789,21 @@ class Replica:
         if batch.epoch is not None:
             self._meta_dirty = True
 
-    def _replies_for(self, entries: Any) -> list[Action]:
-        out = []
-        for e in entries:
-            if e.client_id != wire.NO_CLIENT:
-                out.append(
-                    Action(
-                        TO_CLIENT,
-                        wire.reply(e.client_id, e.request_id, Status(e.status)),
-                        e.client_id,
-                    )
-                )
-        return out
+    def forward(self) -> list[Action]:
+        """
+        What the successor has not been sent yet: UPDATES for the entries
+        accepted since, and a COMMITTED frame if our frontier moved.
+        """
+        actions = self._forward()
+        if self.forward_cursor is not None:
+            f = self.frontier()
+            if f > self._frontier_sent:
+                self._frontier_sent = f
+                actions.append(Action(TO_SUCCESSOR, wire.committed(self.epoch, f)))
+        return actions
 
     def _forward(self) -> list[Action]:
-        """UPDATES frames for every committed entry the successor has not been sent."""
+        """UPDATES frames for every accepted entry the successor has not been sent."""
         cursor = self.forward_cursor
         if cursor is None or not self.sent or self.sent[-1].seq <= cursor:
             return []
@@ -670,5 +846,7 @@ class Replica:
             "sent": len(self.sent),
             "pending": len(self.pending) + len(self.committing or ()),
             "held": len(self._held),
+            "frontier": self.frontier(),
+            "verified": self.verified,
             "successor_link": "up" if self.forward_cursor is not None else "down",
         }

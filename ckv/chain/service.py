@@ -111,6 +111,11 @@ class NodeProtocol(FrameProtocol):
                 self.unexpected(mtype)
                 return
             node.on_snapshot_frame(self, body)
+        elif mtype == T.COMMITTED:
+            if not self.is_predecessor:
+                self.unexpected(mtype)
+                return
+            node.execute(node.replica.on_committed(body.epoch, body.seq))
         elif mtype == T.FENCE:
             if not self.is_predecessor:
                 self.unexpected(mtype)
@@ -162,6 +167,9 @@ class SuccessorProtocol(FrameProtocol):
                 node.start_transfer(self)
                 return
             node.execute(node.replica.on_successor_ready(body.epoch, body.applied_seq))
+            if node.replica.left:
+                node.leave_chain()
+                return
             if node.replica.forward_cursor is None:
                 # Refused (logged by the replica): retry later on a new link
                 # rather than sit on one that carries nothing.
@@ -318,7 +326,11 @@ class NodeService(service.MultiService):
         self.store = Store(self.data_dir, self.sync, clock=self.wall_clock)
         self.store.open()
         recovered = self.store.recover()
-        self.replica = Replica(self.name, self.store, recovered, lease_ok=self.holds_lease)
+        # Restarted: what we had accepted but not committed is gone, and our
+        # successor may hold some of it (see Replica.verified).
+        self.replica = Replica(
+            self.name, self.store, recovered, lease_ok=self.holds_lease, restarted=True
+        )
         self.log.info(
             "node {name} opened {path}: applied seq {seq}, epoch {epoch}, {sent} unacknowledged",
             name=self.name,
@@ -432,7 +444,9 @@ class NodeService(service.MultiService):
             name=self.name.encode(),
             host=self.host.encode(),
             port=self.listen_port,
-            chain_id=r.chain_id,
+            # A node that left its chain says it has none: the master takes
+            # it out, and it comes back by state transfer.
+            chain_id=wire.NO_CHAIN if r.left else r.chain_id,
             epoch=r.epoch,
             # What the store holds for sure: the master checks that a
             # restarted member did not come back with less.
@@ -482,6 +496,18 @@ class NodeService(service.MultiService):
             clock=self.reactor,
         )
         self._succ_service.startService()
+
+    def leave_chain(self) -> None:
+        """
+        Our successor is ahead of us after a restart (see Replica.left):
+        stop linking to it and tell the master we lost our chain.  It
+        removes us; we come back as a spare and rejoin by state transfer.
+        """
+        self.log.warn(
+            "node {name} leaves chain {chain}", name=self.name, chain=self.replica.chain_id
+        )
+        self._connect_successor(None)
+        self.send_register()
 
     def master_link_refresh(self) -> None:
         """Ask the master for the configuration again (we may be behind)."""
@@ -541,9 +567,8 @@ class NodeService(service.MultiService):
         # An ack lost with the previous link is not lost for good: tell the
         # predecessor again how far the tail has got.
         r = self.replica
-        held = r.committed_seq if r.successor is None else r.acked_seq
-        if held:
-            proto.send(wire.ack(r.epoch, held))
+        if r.acked_seq:
+            proto.send(wire.ack(r.epoch, r.acked_seq))
         self.log.info(
             "predecessor {pred} linked at epoch {epoch}; we have seq {seq}",
             pred=name,
@@ -671,20 +696,26 @@ class NodeService(service.MultiService):
                     a.target.send(a.frame)
 
     def kick(self) -> None:
-        """Start committing the next batch, unless one is in flight."""
-        if self.receiving_snapshot or self._sweeping:
-            return
-        batch = self.replica.take_batch()
-        if batch is None:
-            return
-        replica = self.replica
-        d = self._store_call(self.store.commit, batch)  # type: ignore[union-attr]
-        d.addCallbacks(
-            self._committed,
-            self._commit_failed,
-            callbackArgs=(batch, replica),
-            errbackArgs=(batch, replica),
-        )
+        """
+        Start committing the next batch, unless one is in flight, and send
+        the successor what it has not had yet: the accepted entries go on
+        while the disk works (pipelined durability), then our frontier.
+        """
+        if not (self.receiving_snapshot or self._sweeping):
+            batch = self.replica.take_batch()
+            if batch is not None:
+                replica = self.replica
+                # Inline (replicated mode) this commits, and kicks again,
+                # before the forward below: one burst carries the entries
+                # and the frontier that covers them.
+                d = self._store_call(self.store.commit, batch)  # type: ignore[union-attr]
+                d.addCallbacks(
+                    self._committed,
+                    self._commit_failed,
+                    callbackArgs=(batch, replica),
+                    errbackArgs=(batch, replica),
+                )
+        self.execute(self.replica.forward())
 
     def _store_call(self, f: Any, *args: Any) -> defer.Deferred[Any]:
         """Run a store write: on the writer thread (in order) or inline."""

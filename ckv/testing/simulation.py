@@ -358,7 +358,9 @@ class SimNode:
         self.frozen = []
         self._reset_volatile()
         rec = self.store.recover()
-        self.replica = Replica(self.name, self.store, rec, lease_ok=self.holds_lease)
+        self.replica = Replica(
+            self.name, self.store, rec, lease_ok=self.holds_lease, restarted=True
+        )
         self.sim.trace(
             f"{self.name} boots: applied {rec.applied_seq} epoch {rec.epoch} "
             f"sent {[e.seq for e in rec.sent]}"
@@ -404,10 +406,11 @@ class SimNode:
         r = self.r
         if self.master_conn is not None:
             self.hb_sent.append(self.sim.now)
+            chain_id = wire.NO_CHAIN if r.left else r.chain_id
             self.sim.send(
                 self.master_conn,
                 self.name,
-                ("REGISTER", self.name, "sim", self.port, r.chain_id, r.epoch, r.applied_seq),
+                ("REGISTER", self.name, "sim", self.port, chain_id, r.epoch, r.committed_seq),
             )
 
     def heartbeat_tick(self) -> None:
@@ -453,6 +456,13 @@ class SimNode:
                 f"it has {body.applied_seq}"
             )
             self.execute(r.on_successor_ready(body.epoch, body.applied_seq))
+            if r.left:
+                # Ahead of us after our restart: leave; the master removes us.
+                self.sim.trace(f"{self.name} leaves its chain: {conn.ends[1]} is ahead")
+                self.sim.left += 1
+                self._connect_successor(None)
+                self.send_register()
+                return
             if r.forward_cursor is None:
                 # Refused by the replica: retry on a new link later.
                 self.sim.close(conn, self.name)
@@ -487,6 +497,11 @@ class SimNode:
             if body.epoch > r.epoch:
                 self.send_register()
             self.execute(r.on_updates(body.epoch, list(body.entries), body.raws))
+        elif mtype == T.COMMITTED:
+            if not conn.is_predecessor:
+                self.protocol_error(conn, wire.ErrorCode.UNEXPECTED, "COMMITTED before hello")
+                return
+            self.execute(r.on_committed(body.epoch, body.seq))
         elif getattr(T, "FENCE", None) is not None and mtype == T.FENCE:
             if not conn.is_predecessor:
                 self.protocol_error(conn, wire.ErrorCode.UNEXPECTED, "FENCE before hello")
@@ -524,9 +539,8 @@ class SimNode:
         self.sim.send(conn, self.name, frame)
         if self.sim.cfg.reack_on_hello:
             # An ack lost with the previous link is not lost for good.
-            held = r.committed_seq if r.successor is None else r.acked_seq
-            if held:
-                self.sim.send(conn, self.name, wire.ack(r.epoch, held))
+            if r.acked_seq:
+                self.sim.send(conn, self.name, wire.ack(r.epoch, r.acked_seq))
 
     def protocol_error(self, conn: Conn, code: wire.ErrorCode, message: str) -> None:
         if conn.failed:
@@ -639,15 +653,17 @@ class SimNode:
                 raise SimulationFailure(f"unknown action {a!r}")
 
     def kick(self) -> None:
-        """Start the next commit, unless one is in flight."""
-        if self.inflight is not None:
-            return
-        batch = self.r.take_batch()
-        if batch is None:
-            return
-        self.inflight = batch
-        sim = self.sim
-        sim.after(sim.uniform(sim.cfg.commit_delay), lambda: self._committed(batch), self.name)
+        """Start the next commit, unless one is in flight; send the successor what is new."""
+        r = self.r
+        if self.inflight is None:
+            batch = r.take_batch()
+            if batch is not None:
+                self.inflight = batch
+                sim = self.sim
+                sim.after(
+                    sim.uniform(sim.cfg.commit_delay), lambda: self._committed(batch), self.name
+                )
+        self.execute(r.forward())
 
     def _committed(self, batch: Batch) -> None:
         sim = self.sim
@@ -704,7 +720,9 @@ class SimMaster:
             name, host, port = msg[1], msg[2], msg[3]
             if conn not in self.subscribers:
                 self.subscribers.append(conn)
-            if self.state.register(name, host, port, now=sim.now):
+            if self.state.register(
+                name, host, port, now=sim.now, chain_id=msg[4], committed_seq=msg[6]
+            ):
                 self.changed()
             else:
                 sim.send(conn, MASTER, ("CONFIG", self.state.config()))
@@ -1055,6 +1073,8 @@ class Simulation:
         #: (client id, lane, request id, status, client) of every acknowledged update.
         self.acked: list[tuple[bytes, int, int, int, str]] = []
         self.unknown_ops = 0
+        #: Restarted nodes that found their successor ahead and left.
+        self.left = 0
         self.faults = 0
         self.fault_counts: dict[str, int] = {}
         self.slow_until: dict[str, tuple[float, float]] = {}
@@ -1421,22 +1441,21 @@ class Simulation:
             if expect != r.applied_seq:
                 self.fail(f"{n.name}: applied seq {r.applied_seq} but accepted up to {expect}")
             if r.sent and r.is_member:
-                # What sent is pruned by: the successor's acks (C{succ_acked}
-                # since chain extension; C{acked_seq} before).
-                acked = getattr(r, "succ_acked", r.acked_seq)
-                prev = acked
+                # Everything accepted and not settled, in order, up to the
+                # applied seq (a restarted node knows less of what settled).
+                floor = r._sent_floor()
                 first = r.sent[0].seq
-                if first != acked + 1:
-                    self.fail(f"{n.name}: sent starts at seq {first}, acked up to {acked}")
+                if first <= floor:
+                    self.fail(f"{n.name}: sent starts at seq {first}, settled up to {floor}")
+                prev = first - 1
                 for e in r.sent:
                     if e.seq != prev + 1:
                         self.fail(f"{n.name}: sent not contiguous: seq {e.seq} after {prev}")
                     prev = e.seq
-                if prev > r.committed_seq:
-                    self.fail(f"{n.name}: sent holds seq {prev}, committed {r.committed_seq}")
-                hist = n.store.history
+                if prev != r.applied_seq:
+                    self.fail(f"{n.name}: sent ends at seq {prev}, applied {r.applied_seq}")
                 for e in (r.sent[0], r.sent[-1]):
-                    if hist.get(e.seq) != entry_key(e):
+                    if self._accepted_entry(n, e.seq) != entry_key(e):
                         self.fail(f"{n.name}: sent entry {e!r} differs from its history")
         # Consecutive live members at the same epoch.
         for n in nodes.values():
@@ -1449,12 +1468,41 @@ class Simulation:
             m = nodes[succ].replica
             if m is None or m.epoch != r.epoch or m.predecessor != n.name:
                 continue
-            self._prefix(succ, n.name, strict=True)
+            if not r.verified or nodes[n.name].paused or nodes[succ].paused:
+                continue  # a restarted node may be behind; it checks, then leaves
+            self._accepted_prefix(succ, n.name)
         # Members of the current chain agree seq by seq.
         members = self.chain_members()
         for i, a in enumerate(members):
             for b in members[i + 1:]:
                 self._prefix(a, b, strict=False)
+
+    def _accepted_entry(self, node: SimNode, seq: int) -> tuple[Any, ...] | None:
+        """The entry a live node accepted at C{seq} (committed or not)."""
+        r = node.replica
+        assert r is not None
+        if seq <= r.committed_seq:
+            return node.store.history.get(seq)
+        for e in list(r.committing or ()) + r.pending:
+            if e.seq == seq:
+                return entry_key(e)
+        return None
+
+    def _accepted_prefix(self, short: str, long: str) -> None:
+        """The accepted history of C{short} is a prefix of C{long}'s (running nodes)."""
+        ns, nl = self.nodes[short], self.nodes[long]
+        rs, rl = ns.replica, nl.replica
+        assert rs is not None and rl is not None
+        if rs.applied_seq > rl.applied_seq:
+            self.fail(
+                f"history of {short} (up to {rs.applied_seq}) is not a prefix of the history of "
+                f"its predecessor {long} (up to {rl.applied_seq})"
+            )
+        # The part beyond the committed histories (compared by _prefix).
+        for s in range(max(1, min(rs.committed_seq, rl.committed_seq) + 1), rs.applied_seq + 1):
+            if self._accepted_entry(ns, s) != self._accepted_entry(nl, s):
+                self.fail(f"{short} and its predecessor {long} accepted different entries for "
+                          f"seq {s}")
 
     def _prefix(self, short: str, long: str, strict: bool) -> None:
         """history(short) is a prefix of history(long) (strict) or they agree seq by seq."""
@@ -1594,7 +1642,8 @@ class Simulation:
         return (
             f"seed {self.seed}: {self.steps} steps, t={self.now:.2f}s, {len(history)} ops "
             f"({known} answered, {self.unknown_ops} unknown), {seq} updates in the chain, "
-            f"faults {dict(sorted(self.fault_counts.items()))}, final chain {members}"
+            f"faults {dict(sorted(self.fault_counts.items()))}, {self.left} left, "
+            f"final chain {members}"
         )
 
 
