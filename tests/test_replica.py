@@ -1034,3 +1034,104 @@ def test_a_promoted_tail_waits_for_its_fence():
     r.on_fence(6, 0)
     (a,) = r.on_query(get(b"k"))
     assert reply_of(a)[2] == Status.NOT_FOUND
+
+
+# -- restarts under pipelined durability -------------------------------------------
+
+
+def restarted(name: str, store: FakeStore, chain: Chain) -> Replica:
+    r = Replica(name, store, store.recover(), restarted=True)
+    r.on_config(chain)
+    return r
+
+
+def test_a_head_forwards_before_it_commits_and_a_restart_loses_the_uncommitted_part():
+    """The successor may hold what the head lost: the restarted head must not reuse seqs."""
+    h = Harness(["a", "b"])
+    h.connect_all()
+    for i in range(1, 4):
+        h.submit(put(b"k", b"%d" % i, request_id=i))
+    h.commit("a")
+    h.submit(put(b"k", b"4", request_id=4))
+    h.deliver_all("a", "b")
+    h.commit("b")  # b has 1..4 on disk; a only 1..3
+    assert h.stores["a"].applied_seq == 3 and h.stores["b"].applied_seq == 4
+    a = restarted("a", h.stores["a"], h.chain)
+    assert not a.verified and a.role == "head"
+    # It decides nothing and accepts no predecessor until it has checked.
+    (err,) = a.on_client_update(put(b"k", b"5", request_id=5), "o")
+    assert error_of(err)[0] == Status.UNAVAILABLE
+    assert a.applied_seq == 3 and a.pending == []
+    with pytest.raises(HelloRefused) as refused:
+        a.on_chain_hello(0, 1, "z")
+    assert refused.value.code == ErrorCode.NOT_MEMBER  # not its predecessor: checked first
+    # b is ahead: a leaves (the service re-registers it with no chain).
+    assert a.on_successor_ready(1, 4) == []
+    assert a.left and not a.verified and a.forward_cursor is None
+    assert a.on_client_update(put(b"k", b"5", request_id=5), "o")[0].kind == TO_ORIGIN
+
+
+def test_a_restarted_node_whose_successor_is_not_ahead_goes_on():
+    h = Harness(["a", "b", "c"])
+    h.connect_all()
+    for i in range(1, 3):
+        h.submit(put(b"k", b"%d" % i, request_id=i))
+    h.settle()
+    b = restarted("b", h.stores["b"], h.chain)
+    with pytest.raises(HelloRefused) as refused:
+        b.on_chain_hello(0, 1, "a")  # its predecessor waits...
+    assert refused.value.code == ErrorCode.REJECTED
+    assert "checking its successor" in refused.value.message
+    resend = b.on_successor_ready(1, 2)  # ... until c is known not to be ahead
+    assert b.verified and not b.left and seqs_of(resend) == []
+    mtype, body = wire.decode(b.on_chain_hello(0, 1, "a"))
+    assert mtype == MessageType.CHAIN_HELLO_REPLY and body.applied_seq == 2
+
+
+def test_a_restarted_tail_is_verified_at_once_and_trusts_no_old_frontier():
+    store = FakeStore()
+    h = Harness(["a", "b"], stores={"a": FakeStore(), "b": store})
+    h.connect_all()
+    h.submit(put(b"k", b"1", request_id=1))
+    h.deliver_all("a", "b")
+    h.commit("b")  # on b's disk, not on a's: not settled
+    b = restarted("b", store, h.chain)
+    assert b.verified and b.role == "tail"
+    assert b.acked_seq == 0  # nothing it could acknowledge yet
+    assert b.frontier() == 0
+    b.on_chain_hello(0, 1, "a")
+    actions = b.on_committed(1, 1)
+    (ack,) = [x for x in actions if x.kind == TO_PREDECESSOR]
+    assert wire.decode(ack.frame)[1].seq == 1
+
+
+def test_a_sent_list_left_from_before_a_node_was_tail_is_not_resent():
+    store = FakeStore()
+    store.applied_seq = 5
+    store.sent = {2: Entry(2, CID_A, 0, 2, int(Op.PUT), 0, b"k", b"v")}
+    r = Replica("a", store, store.recover(), restarted=True)
+    assert list(r.sent) == [] and r.acked_seq == 1
+    r.on_config(make_chain(["a", "b"]))
+    r.on_ack(1, 5)
+    batch = r.take_batch()
+    assert batch is not None and batch.prune_sent_upto == 5  # removed from disk too
+
+
+def test_the_frontier_is_the_minimum_down_the_chain():
+    h = Harness(["a", "b", "c"])
+    h.connect_all()
+    a, b, c = (h.replicas[n] for n in "abc")
+    for i in range(1, 4):
+        h.submit(put(b"k%d" % i, b"v", request_id=i))
+    h.deliver_all("a", "b")
+    h.commit("b")
+    assert a.frontier() == 0 and b.frontier() == 0  # a has not committed
+    h.commit("a")
+    h.deliver_all("a", "b")
+    assert b.pred_durable == 3 and b.frontier() == 3
+    assert c.frontier() == 0
+    h.deliver_all("b", "c")
+    assert c.frontier() == 0  # c's own disk
+    h.commit("c")
+    assert c.frontier() == 3 and c.acked_seq == 3
+    assert len(h.replies) == 3
