@@ -111,7 +111,7 @@ def test_whole_chain_crash_with_a_successor_ahead_of_the_head() -> None:
         sim = scripted(seed)
         head, middle, tail = sim.chain_members()
         h, m = node(sim, head), node(sim, middle)
-        if not sim.run_while(lambda: m.store.applied_seq <= h.store.applied_seq, 2.0):
+        if not sim.run_while(lambda h=h, m=m: m.store.applied_seq <= h.store.applied_seq, 2.0):
             continue
         h.inflight = None  # the head's commit never reaches its disk
         for name in (head, middle, tail):

@@ -638,8 +638,11 @@ class NodeService(service.MultiService):
             return
         self._transfer = None
         chain = self.replica.chain
+        # Our memory starts from the store, as after a restart: the snapshot
+        # may hold writes of the tail that are not on every disk yet, so
+        # nothing of it counts as settled before the tail's frontier says so.
         self.replica = Replica(
-            self.name, self.store, self.store.recover(), lease_ok=self.holds_lease
+            self.name, self.store, self.store.recover(), lease_ok=self.holds_lease, restarted=True
         )
         self.execute(self.replica.on_config(chain))
         self.receiving_snapshot = False
