@@ -610,3 +610,36 @@ def test_a_failed_sweep_is_given_up_and_the_node_goes_on(tmp_path, request, monk
     assert node.store.get(b"k") == b"v"
     monkeypatch.undo()
     assert node.expire_sessions().result == 0  # a later sweep starts afresh
+
+
+def test_a_joining_node_that_holds_its_snapshot_refuses_another(tmp_path, request):
+    """
+    Once it has told the master it caught up, the master may promote it any
+    moment: a second transfer (the tail reconnected) must not wipe it.
+    """
+    from ckv.config import Chain
+    from tests.fakes import member
+
+    node = make_node(tmp_path, request, "j")
+    node.store.commit(Batch(entries=[Entry(1, CID_A, 0, 1, int(Op.PUT), 0, b"k", b"v")]))
+    joining = Chain(0, 4, (member("t"),), (member("j"),))
+    node.on_config(ClusterConfig(1, (0,), (joining,)))
+    assert node.replica.role == "joining"
+    proto, tr = connect(node)
+    proto.dataReceived(framed(wire.encode(MessageType.CHAIN_HELLO, chain_id=0, epoch=4,
+                                          name=b"t", committed_seq=0)))
+    received(tr)
+    begin = framed(wire.encode(MessageType.SNAPSHOT, epoch=4, phase=wire.SNAPSHOT_BEGIN,
+                               seq=1, chunk=0, records=[]))
+    node.joined = (0, 4)
+    proto.dataReceived(begin)
+    assert "already holds a snapshot" in assert_error(tr, ErrorCode.REJECTED)
+    assert node.store.get(b"k") == b"v" and not node.receiving_snapshot
+    assert node.joined == (0, 4)
+    # A snapshot of an older epoch does not count: a new transfer starts.
+    node.joined = (0, 3)
+    proto2, tr2 = connect(node)
+    proto2.dataReceived(framed(wire.encode(MessageType.CHAIN_HELLO, chain_id=0, epoch=4,
+                                           name=b"t", committed_seq=0)))
+    proto2.dataReceived(begin)
+    assert node.joined is None and node.receiving_snapshot

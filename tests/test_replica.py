@@ -1135,3 +1135,60 @@ def test_the_frontier_is_the_minimum_down_the_chain():
     h.commit("c")
     assert c.frontier() == 3 and c.acked_seq == 3
     assert len(h.replies) == 3
+
+
+def test_a_restarted_tail_reads_nothing_unsettled_from_its_store():
+    """Its store may hold a write no other disk has: no read before it settles."""
+    store = FakeStore()
+    h = Harness(["a", "b"], stores={"a": FakeStore(), "b": store})
+    h.connect_all()
+    h.submit(put(b"k", b"1", request_id=1))
+    h.settle()
+    h.submit(put(b"k", b"2", request_id=2))
+    h.deliver_all("a", "b")
+    h.commit("b")  # seq 2 on b's disk only
+    b = restarted("b", store, h.chain)
+    (q,) = b.on_query(get(b"k"))
+    assert reply_of(q)[2] == Status.UNAVAILABLE
+    b.on_chain_hello(0, 1, "a")
+    b.on_committed(1, 1)
+    (q,) = b.on_query(get(b"k"))
+    assert reply_of(q)[2] == Status.UNAVAILABLE  # seq 2 is not on a's disk yet
+    b.on_committed(1, 2)
+    (q,) = b.on_query(get(b"k"))
+    assert reply_of(q)[1:] == (1, Status.OK, b"2")
+
+
+def test_a_restarted_tail_with_a_joining_successor_is_not_verified():
+    """The joining node may hold what the tail lost; it is checked once promoted."""
+    store = FakeStore()
+    t = Replica("t", store, restarted=True)
+    t.on_config(Chain(0, 5, (member("t"),), (member("j"),)))
+    assert t.successor_is_joining and not t.verified
+    (err,) = t.on_client_update(put(b"k", b"v", request_id=1), "o")
+    assert error_of(err)[0] == Status.UNAVAILABLE
+    t.on_config(Chain(0, 6, (member("t"), member("j"))))
+    assert t.on_successor_ready(6, 1) == [] and t.left
+
+
+def test_a_joining_node_acknowledges_nothing_from_its_past():
+    store = FakeStore()
+    h = Harness(["a", "m"], stores={"a": FakeStore(), "m": store})
+    h.connect_all()
+    h.submit(put(b"k", b"1", request_id=1))
+    h.settle()
+    m = h.replicas["m"]
+    assert m.pred_durable == 1
+    # m is taken out, then joins another chain after its tail t.
+    actions = m.on_config(Chain(1, 3, (member("t"),), (member("m"),)))
+    assert [x for x in actions if x.kind == TO_PREDECESSOR] == []
+    assert m.pred_durable == 0
+    # And a tail ignores what a joining node acks before its transfer is done.
+    t = Replica("t", FakeStore())
+    t.on_config(Chain(1, 3, (member("t"),), (member("m"),)))
+    t.on_client_update(put(b"x", b"1", request_id=1))
+    commit(t, t.store)
+    assert t.on_ack(3, 100) == [] and t.succ_acked == 0 and [e.seq for e in t.sent] == [1]
+    t.on_transfer_done(3, 0)
+    t.on_ack(3, 1)
+    assert t.succ_acked == 1 and list(t.sent) == []

@@ -148,6 +148,9 @@ class Replica:
         self._unsettled: dict[bytes, int] = {}
         self._parked: dict[int, list[tuple[Any, Any]]] = {}
         self._tracking = False
+        #: Part of the read fence that FENCE_PENDING stands for (see
+        #: _fence_unsettled_store).
+        self._store_fence = 0
         self.pending: list[Entry] = []
         self.committing: list[Entry] | None = None
         self._overlay: dict[bytes, tuple[int, bytes | None]] = {}
@@ -260,15 +263,22 @@ class Replica:
             self._unsettled = {
                 e.key: e.seq for e in self.sent if e.seq > self.acked_seq and e.op != Op.NOOP
             }
+            self._fence_unsettled_store()
         elif was_tail and not self.is_tail:
             actions += self._stop_tracking()
             if self.is_member:
                 # No longer the tail: tell the new tail what we may have answered.
                 actions += self._fence()
-        if (self.is_member or self.is_joining) and (
-            self.successor is None or self.successor_is_joining
-        ):
-            # Nobody after us can be ahead of us (a joining node is wiped).
+        if self.is_joining and not was_joining:
+            # What we held before belongs to another chain or epoch: the
+            # snapshot replaces it, and no frontier of then counts now (so
+            # nothing of it is acknowledged to our new predecessor).
+            self.pred_durable = 0
+            self._held.clear()
+        if (self.is_member or self.is_joining) and self.successor is None:
+            # Nobody after us can be ahead of us.  (A joining successor is
+            # no proof: after our restart it may hold a snapshot and updates
+            # we lost; it is checked like any successor once promoted.)
             self.verified = True
             self.left = False
         return actions + self._settle()
@@ -300,7 +310,7 @@ class Replica:
         if self._fence_seen is None or epoch >= self._fence_seen[0]:
             self._fence_seen = (epoch, seq)
         if self.read_fence is not None and epoch >= self._tail_since_epoch:
-            self.read_fence = seq
+            self.read_fence = max(seq, self._store_fence)
 
     def _fenced(self) -> bool:
         fence = self.read_fence
@@ -310,6 +320,22 @@ class Replica:
             self.read_fence = None
             return False
         return True
+
+    def _fence_unsettled_store(self) -> None:
+        """
+        We start answering reads: entries already in our store but not in
+        C{sent} (so not in C{_unsettled}) may not be settled (a restarted
+        tail, a node holding a snapshot): no read before they are.
+        """
+        start = self.sent[0].seq - 1 if self.sent else self.applied_seq
+        if start > self.acked_seq:
+            fence = self.read_fence
+            if fence is None:
+                self.read_fence = start
+            elif fence != FENCE_PENDING:
+                self.read_fence = max(fence, start)
+            else:
+                self._store_fence = start
 
     # -- client requests ---------------------------------------------------
 
@@ -573,6 +599,8 @@ class Replica:
         """A cumulative ack from the successor: drop acked entries, pass it on."""
         if seq <= self.succ_acked:
             return []
+        if self.successor_is_joining and self.forward_cursor is None:
+            return []  # from a joining node before its transfer: not ours
         self.succ_acked = seq
         if self.is_tail or seq <= self.acked_seq:
             # A tail settles by its own frontier (this ack is from a joining

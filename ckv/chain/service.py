@@ -567,7 +567,7 @@ class NodeService(service.MultiService):
         # An ack lost with the previous link is not lost for good: tell the
         # predecessor again how far the tail has got.
         r = self.replica
-        if r.acked_seq:
+        if r.acked_seq and not r.is_joining:
             proto.send(wire.ack(r.epoch, r.acked_seq))
         self.log.info(
             "predecessor {pred} linked at epoch {epoch}; we have seq {seq}",
@@ -606,6 +606,18 @@ class NodeService(service.MultiService):
         assert self.store is not None
         phase, chunk, seq = body.phase, body.chunk, body.seq
         if phase == wire.SNAPSHOT_BEGIN:
+            r = self.replica
+            if self.joined == (r.chain_id, r.epoch):
+                # We hold a snapshot of this join and told the master: it may
+                # promote us any moment, so our store must stay whole.  The
+                # tail resends what we lack once we are its successor.
+                proto.protocol_error(
+                    wire.ErrorCode.REJECTED,
+                    f"{self.name} already holds a snapshot for epoch {r.epoch}; "
+                    "waiting to be made tail",
+                )
+                return
+            self.joined = None
             # From now on nothing of ours may reach the store: it is wiped.
             self.receiving_snapshot = True
             self.replica.pending.clear()
