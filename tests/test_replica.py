@@ -1137,13 +1137,19 @@ def test_the_frontier_is_the_minimum_down_the_chain():
     assert len(h.replies) == 3
 
 
-def test_a_restarted_tail_reads_nothing_unsettled_from_its_store():
-    """Its store may hold a write no other disk has: no read before it settles."""
-    store = FakeStore()
-    h = Harness(["a", "b"], stores={"a": FakeStore(), "b": store})
+def settled_put(second: str, store: FakeStore) -> Harness:
+    """A chain a -> C{second} (over C{store}) that settled put k=1."""
+    h = Harness(["a", second], stores={"a": FakeStore(), second: store})
     h.connect_all()
     h.submit(put(b"k", b"1", request_id=1))
     h.settle()
+    return h
+
+
+def test_a_restarted_tail_reads_nothing_unsettled_from_its_store():
+    """Its store may hold a write no other disk has: no read before it settles."""
+    store = FakeStore()
+    h = settled_put("b", store)
     h.submit(put(b"k", b"2", request_id=2))
     h.deliver_all("a", "b")
     h.commit("b")  # seq 2 on b's disk only
@@ -1172,11 +1178,7 @@ def test_a_restarted_tail_with_a_joining_successor_is_not_verified():
 
 
 def test_a_joining_node_acknowledges_nothing_from_its_past():
-    store = FakeStore()
-    h = Harness(["a", "m"], stores={"a": FakeStore(), "m": store})
-    h.connect_all()
-    h.submit(put(b"k", b"1", request_id=1))
-    h.settle()
+    h = settled_put("m", FakeStore())
     m = h.replicas["m"]
     assert m.pred_durable == 1
     # m is taken out, then joins another chain after its tail t.
