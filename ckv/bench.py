@@ -175,6 +175,9 @@ def _chain_of(client: Any, key: bytes) -> int | None:
     config = getattr(client, "config", None)
     if config is None:
         return None
+    chains = config.chains
+    if len(chains) == 1 and config.slots:
+        return chains[0].chain_id  # the only chain owns every slot
     chain = config.chain_for_key(key)
     return chain.chain_id if chain is not None else None
 

@@ -627,6 +627,19 @@ def test_child_env_finds_the_source_tree(monkeypatch: pytest.MonkeyPatch) -> Non
     assert env["PYTHONUNBUFFERED"] == "1"
 
 
+def test_bench_counts_per_chain_with_one_chain() -> None:
+    """One chain owns every key: all completed operations count for it."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    client = FakeTxClient()
+    client.config = ClusterConfig(1, (7,) * 16, (Chain(7, 1, (Member("a", "h", 1),)),))  # type: ignore[attr-defined]
+    run = bench._Run(Clock(), client, bench_args(duration=0.05, concurrency=2, keys=1000))
+    result = Deferred.fromCoroutine(run.measure()).result
+    assert set(result["per_chain"]) == {"7"}
+    assert abs(result["per_chain"]["7"] - result["ops_per_s"]) < 1.0
+
+
 def test_bench_counts_per_chain() -> None:
     """Completed operations are counted by the chain owning each key (text and JSON)."""
     from twisted.internet.defer import Deferred

@@ -352,6 +352,63 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(self.engine.outstanding, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_one_reactor_timer_for_many_requests(self) -> None:
+        """
+        Many outstanding requests share one reactor call (for the earliest
+        deadline), yet each is resent at its own time, and none is left
+        once every request is answered.
+        """
+        ds = [self.submit(Op.PUT, key=b"k%d" % i, value=b"v") for i in range(50)]
+        self.clock.advance(0.5)
+        ds += [self.submit(Op.PUT, key=b"l%d" % i, value=b"v") for i in range(50)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(len(self.path.sent), 100)
+        # The first 50 answered before their resend: only the others go again.
+        for r in self.path.sent[:50]:
+            self.engine.reply_received(r.request_id, Status.OK, b"")
+        self.clock.advance(0.999)
+        self.assertEqual(len(self.path.sent), 100)
+        self.clock.advance(0.001)
+        self.assertEqual([r.request_id for r in self.path.sent[100:]], list(range(51, 101)))
+        # A retry after a backoff comes before the next resend of the rest.
+        self.engine.reply_received(51, Status.NOT_HEAD, b"")
+        self.clock.advance(0.05)
+        self.assertEqual(self.path.sent[-1].request_id, 51)
+        self.assertEqual(len(self.path.sent), 151)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        for r in self.path.sent[100:]:
+            self.engine.reply_received(r.request_id, Status.OK, b"")
+        for d in ds:
+            self.successResultOf(d)
+        self.assertEqual(self.engine.outstanding, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_expiry_among_many_timers(self) -> None:
+        """Requests with different timeouts expire each at its own deadline."""
+        short = self.submit(Op.PUT, value=b"1", timeout=0.3)
+        long = self.submit(Op.PUT, key=b"j", value=b"2", timeout=3.0)
+        self.clock.advance(0.299)
+        self.assertNoResult(short)
+        self.clock.advance(0.001)
+        self.failureResultOf(short, Unavailable)
+        self.assertNoResult(long)
+        self.clock.advance(2.7)
+        self.failureResultOf(long, Unavailable)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_result_conversion(self) -> None:
+        """
+        With C{result}, the Deferred fires with the converted outcome; a
+        conversion that raises fails it, and the request is over either way.
+        """
+        ok = self.submit(Op.GET, result=lambda r: r[1].upper())
+        bad = self.submit(Op.GET, key=b"j", result=lambda r: 1 // 0)
+        self.engine.reply_received(1, Status.OK, b"abc")
+        self.engine.reply_received(2, Status.OK, b"abc")
+        self.assertEqual(self.successResultOf(ok), b"ABC")
+        self.failureResultOf(bad, ZeroDivisionError)
+        self.assertEqual(self.engine.outstanding, 0)
+
 
 # -- the Twisted client against fakes ----------------------------------------
 

@@ -257,7 +257,7 @@ class Client:
         if self.closed:
             return fail(CkvError("the client is closed"))
         t = self.timeout if timeout is None else timeout
-        return self._engine.submit(op, key, timeout=t, **kw).addCallback(result)
+        return self._engine.submit(op, key, timeout=t, result=result, **kw)
 
     # -- Path (for the engine) ---------------------------------------------
 

@@ -23,7 +23,7 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -79,6 +79,14 @@ def check_sizes(key: bytes, value: bytes | None = None, expected: bytes | None =
     @raise TypeError: a key or value is not bytes.
     @raise TooLarge: the key or a value exceeds its limit.
     """
+    # The common case in one expression (this runs for every request).
+    if (
+        type(key) is bytes
+        and len(key) <= wire.MAX_KEY
+        and (value is None or (type(value) is bytes and len(value) <= wire.MAX_VALUE))
+        and expected is None
+    ):
+        return
     for name, v in (("key", key), ("value", value), ("expected value", expected)):
         if v is not None and not isinstance(v, bytes):
             raise TypeError(f"the {name} must be bytes, not {type(v).__name__}")
@@ -112,7 +120,9 @@ class _Pending:
     timeout: float
     interval: float
     backoff: float
-    deferred: Deferred[tuple[Status, bytes]] = field(repr=False)
+    deferred: Deferred[Any] = field(repr=False)
+    #: Turns a result status and value into what the Deferred fires with.
+    result: Callable[[tuple[Status, bytes]], Any] | None = field(default=None, repr=False)
     #: When the request fails with Unavailable (clock seconds).
     expires_at: float = 0.0
     #: The one timer of a request: what is due next (resend, retry after a
@@ -203,10 +213,14 @@ class RequestEngine:
         expected: bytes | None = None,
         has_expected: bool = False,
         timeout: float,
-    ) -> Deferred[tuple[Status, bytes]]:
+        result: Callable[[tuple[Status, bytes]], Any] | None = None,
+    ) -> Deferred[Any]:
         """
         Send one request and wait for its outcome.
 
+        @param result: if given, the Deferred fires with C{result((status,
+            value))} instead (an exception it raises fails the Deferred):
+            the caller's conversion without one more callback per request.
         @return: a Deferred firing with C{(status, value)} for a result
             status (OK, NOT_FOUND, CAS_FAILED), failing with
             L{RequestError}/L{TooLarge} for an error status, with
@@ -235,6 +249,7 @@ class RequestEngine:
             interval=max(0.001, min(self.attempt_interval, timeout / 3)),
             backoff=self.min_backoff,
             deferred=Deferred(lambda d: self._cancel(request_id)),
+            result=result,
         )
         self._pending[request_id] = p
         p.expires_at = self.clock.seconds() + timeout
@@ -360,7 +375,14 @@ class RequestEngine:
             return True
         self._finish(p)
         if status in RESULTS:
-            p.deferred.callback((Status(status), value))
+            outcome: Any = (Status(status), value)
+            if p.result is not None:
+                try:
+                    outcome = p.result(outcome)
+                except Exception:
+                    p.deferred.errback()
+                    return True
+            p.deferred.callback(outcome)
         elif status >= 16:
             message = value.decode("utf-8", "replace")
             cls = TooLarge if status == Status.TOO_LARGE else RequestError
