@@ -13,6 +13,12 @@ resident memory of every process afterwards.  With --cpu it also prints,
 per workload, how much of one core each process used and its CPU time per
 operation (from /proc; Linux only): where the time goes.  Everything runs
 on loopback and stops by itself.
+
+Before the durable runs it prints what the disk gives right now: three
+processes committing fsynced LMDB transactions of 10 random puts at once
+(--no-disk skips it).  Durable throughput follows that figure, and on a
+shared virtual disk it moves by a third from one minute to the next: quote
+it with the results.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +85,58 @@ def cpu_line(before: dict[str, float | None], after: dict[str, float | None],
     return ", ".join(parts)
 
 
+def _disk_writer(path: str, seconds: float, puts: int, out: Any) -> None:
+    """One LMDB writer as a durable node commits: fsync on, `puts` random puts per commit."""
+    import random
+
+    import lmdb
+
+    env = lmdb.open(path, map_size=1 << 28, max_dbs=2, sync=True, metasync=True)
+    db = env.open_db(b"data")
+    value = os.urandom(100)
+    with env.begin(write=True) as txn:
+        for k in range(10_000):
+            txn.put(b"key%08d" % k, value, db=db)
+    commits, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        with env.begin(write=True) as txn:
+            for _ in range(puts):
+                txn.put(b"key%08d" % random.randrange(10_000), value, db=db)
+        commits += 1
+    out.put(commits / (time.perf_counter() - started))
+    env.close()
+
+
+def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
+                     puts: int = 10) -> tuple[float, float]:
+    """
+    What the disk gives durable nodes right now: `writers` processes (one
+    per node of a chain) commit `puts` random puts per fsynced LMDB
+    transaction for `seconds`.  Returns the commits per second of all of
+    them together and the milliseconds one commit takes.  Durable
+    throughput follows this number: on a shared virtual disk it moves by a
+    third from one minute to the next, so quote it with the results.
+    """
+    import multiprocessing
+
+    # fork: the writers need nothing but lmdb, and this script may have
+    # been loaded from a path that a spawned child could not import.
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_disk_writer, args=(os.path.join(workdir, f"w{i}"), seconds, puts, out))
+        for i in range(writers)
+    ]
+    for i, p in enumerate(procs):
+        os.makedirs(os.path.join(workdir, f"w{i}"), exist_ok=True)
+        p.start()
+    rates = [out.get(timeout=seconds + 60) for _ in procs]
+    for p in procs:
+        p.join(60)
+    total = sum(rates)
+    return total, 1000.0 * writers / total if total else float("inf")
+
+
 def start_cluster(workdir: str, sync: str, chains: int) -> tuple[subprocess.Popen[bytes], dict]:
     ready = os.path.join(workdir, "ready.json")
     proc = subprocess.Popen(
@@ -128,6 +187,8 @@ def main() -> None:
     ap.add_argument("--direct", action="store_true", help="clients talk to heads and tails")
     ap.add_argument("--cpu", action="store_true",
                     help="also print each process's CPU: share of one core, and per operation")
+    ap.add_argument("--no-disk", action="store_true",
+                    help="skip the disk calibration printed before the durable runs")
     args = ap.parse_args()
     modes = ["durable", "replicated"] if args.sync == "both" else [args.sync]
     print(f"# {args.chains} chain(s) of 3 on loopback, {os.cpu_count()} cores, "
@@ -135,6 +196,10 @@ def main() -> None:
           f"{'direct' if args.direct else 'through the dispatcher'}")  # fmt: skip
     for sync in modes:
         with tempfile.TemporaryDirectory(prefix="ckv-bench-") as work:
+            if sync == "durable" and not args.no_disk:
+                rate, ms = disk_calibration(work)
+                print(f"# disk now: 3 LMDB writers, fsync on, 10 puts per commit: "
+                      f"{rate:.0f} commits/s in all, {ms:.2f} ms per commit", flush=True)
             proc, info = start_cluster(work, sync, args.chains)
             try:
                 pids = {name: n["pid"] for name, n in info["nodes"].items()}

@@ -1,0 +1,31 @@
+"""The helpers of benchmarks/chain_bench.py that do not need a cluster."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_chain_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "chain_bench", ROOT / "benchmarks" / "chain_bench.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_disk_calibration_measures_fsynced_commits(tmp_path: Path) -> None:
+    """Three writers commit for a moment: a positive rate, a plausible time per commit."""
+    cb = load_chain_bench()
+    rate, ms = cb.disk_calibration(str(tmp_path), writers=3, seconds=0.3)
+    assert rate > 0
+    # Three writers at `rate` commits/s in all: each commit takes 3000/rate ms.
+    assert abs(ms - 3000.0 / rate) < 1e-6
+    assert 0 < ms < 1000
+    # Each writer had its own LMDB environment in the work directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w0", "w1", "w2"]
