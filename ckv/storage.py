@@ -260,15 +260,21 @@ class Store:
         if self.sync_mode != "durable":
             self._env().sync(True)
 
-    def digest(self) -> tuple[int, str]:
-        """Number of keys and a SHA-256 over every key and value, in key order."""
+    def digest(self) -> tuple[int, str, int]:
+        """
+        Number of keys, a SHA-256 over every key and value in key order, and
+        the last applied seq, all from one read snapshot.  Any thread may
+        call it (it opens its own read transaction).
+        """
         h = hashlib.sha256()
         n = 0
         with self._env().begin(db=self._data) as txn:
+            raw = txn.get(_APPLIED, db=self._meta)
+            applied = _U64.unpack(raw)[0] if raw is not None else 0
             for k, v in txn.cursor():
                 h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
                 n += 1
-        return n, h.hexdigest()
+        return n, h.hexdigest(), applied
 
     def items(self) -> Iterable[tuple[bytes, bytes]]:
         """Every key and value (a snapshot; for tests and small tools)."""

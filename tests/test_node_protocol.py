@@ -643,3 +643,40 @@ def test_a_joining_node_that_holds_its_snapshot_refuses_another(tmp_path, reques
                                            name=b"t", committed_seq=0)))
     proto2.dataReceived(begin)
     assert node.joined is None and node.receiving_snapshot
+
+
+def test_digest_runs_off_the_reactor_and_holds_the_store_open(tmp_path):
+    """
+    The admin digest is computed through C{in_thread} (a thread in a real
+    node), from one snapshot; stopping the node waits for a digest still
+    running before closing the store.
+    """
+    from twisted.internet.defer import Deferred
+
+    calls: list[tuple[Any, Deferred]] = []
+
+    def in_thread(f):
+        d: Deferred = Deferred()
+        calls.append((f, d))
+        return d
+
+    node = NodeService(
+        name="n1",
+        listen="tcp:0:interface=127.0.0.1",
+        master="tcp:127.0.0.1:1",
+        data_dir=str(tmp_path / "n1"),
+        reactor=MemoryReactorClock(),
+        commit_inline=True,
+        in_thread=in_thread,
+    )
+    node.startService()
+    node.store.commit(Batch([Entry(1, CID_A, 1, 1, int(Op.PUT), 0, b"k", b"v")]))
+    d = node.digest()
+    assert not d.called
+    [(f, pending)] = calls
+    stopped = node.stopService()
+    assert not stopped.called and node.store.env is not None  # still open for the reader
+    pending.callback(f())
+    keys, sha, seq = d.result
+    assert (keys, seq) == (1, 1) and len(sha) == 64
+    assert stopped.called and node.store.env is None

@@ -308,3 +308,34 @@ def test_a_session_without_a_time_is_stamped_not_deleted(timed_store):
     clock.now += 11
     assert store.expire_sessions(ttl=10) == (1, None)
     assert store.session(skey) is None
+
+
+def test_digest_covers_data_only_with_its_last_seq(tmp_path):
+    """
+    Two stores with the same keys and values have the same digest, whatever
+    their sessions and sent lists; the digest carries the last applied seq of
+    the same snapshot, and changes with any value.
+    """
+    import hashlib
+    import threading
+
+    a, b = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
+    a.open()
+    b.open()
+    assert a.digest() == (0, hashlib.sha256().hexdigest(), 0)
+    a.commit(Batch([entry(1, key=b"x", value=b"1"), entry(2, key=b"y", value=b"2")]))
+    b.commit(Batch([entry(5, key=b"y", value=b"2", client_id=CID2)], keep_sent=False))
+    b.commit(Batch([entry(9, key=b"x", value=b"1")], keep_sent=False))
+    n, h, seq = a.digest()
+    assert (n, seq) == (2, 2)
+    assert b.digest() == (2, h, 9)
+    # From another thread (the node computes it off the reactor thread).
+    out = []
+    t = threading.Thread(target=lambda: out.append(a.digest()))
+    t.start()
+    t.join()
+    assert out == [(2, h, 2)]
+    a.commit(Batch([entry(3, key=b"x", value=b"1!")]))
+    assert a.digest()[1] != h and a.digest()[2] == 3
+    a.close()
+    b.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 
 from ckv.admin import KEY_HELP, AdminCommand, admin_factory, format_key, format_kv, parse_key
@@ -27,11 +28,10 @@ def node_admin_factory(node: NodeService) -> ServerFactory:
             return f"(not found) {format_key(key)}"
         return format_key(value)
 
-    def digest(args: list[str]) -> str:
-        assert node.store is not None
-        keys, h = node.store.digest()
-        return format_kv(
-            [("keys", keys), ("sha256", h), ("committed_seq", node.replica.committed_seq)]
+    def digest(args: list[str]) -> Deferred[str]:
+        # committed_seq: the last update in the data digested (same snapshot).
+        return node.digest().addCallback(
+            lambda r: format_kv([("keys", r[0]), ("sha256", r[1]), ("committed_seq", r[2])])
         )
 
     return admin_factory(

@@ -260,6 +260,7 @@ class NodeService(service.MultiService):
         clock: Any = None,
         session_ttl: float = DEFAULT_SESSION_TTL,
         wall_clock: Any = None,
+        in_thread: Any = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -282,6 +283,10 @@ class NodeService(service.MultiService):
         self.wall_clock = wall_clock or time.time
         #: Sessions idle for longer than this are deleted; 0 keeps them.
         self.session_ttl = session_ttl
+        #: Runs a long read (a digest) off the reactor thread: f -> Deferred.
+        self._in_thread = in_thread or self._in_reactor_pool
+        #: Digests being computed (the store stays open until they finish).
+        self._digests: set[defer.Deferred[Any]] = set()
         self._session_sweeper: LoopingCall | None = None
         #: The sweep in progress: where the next chunk starts (None: none).
         self._sweep_start: bytes | None = None
@@ -428,6 +433,10 @@ class NodeService(service.MultiService):
             self._session_sweeper.stop()
         if self._pool is not None:
             self._pool.stop()
+        if self._digests:
+            # A thread is reading the store: closing it under that thread
+            # would pull the memory map from under its feet.
+            await defer.DeferredList(list(self._digests), consumeErrors=True)
         if self.store is not None:
             self.store.close()
 
@@ -833,6 +842,27 @@ class NodeService(service.MultiService):
         return d
 
     # -- introspection -----------------------------------------------------
+
+    def digest(self) -> defer.Deferred[tuple[int, str, int]]:
+        """
+        Key count, SHA-256 and last applied seq of this replica's data, from
+        one read snapshot.  Computed on a thread: over a big store it takes
+        seconds, and the node keeps serving (and sending heartbeats, so the
+        master does not take it for dead) meanwhile.
+        """
+        if self.store is None:
+            return defer.fail(RuntimeError("the store is not open"))
+        d = self._in_thread(self.store.digest)
+        self._digests.add(d)
+
+        def done(result: Any) -> Any:
+            self._digests.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _in_reactor_pool(self, f: Any) -> defer.Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f)
 
     def status(self) -> dict[str, Any]:
         s = self.replica.status()
