@@ -263,6 +263,8 @@ class MasterService(service.MultiService):
 
     def register(self, name: str, host: str, port: int, body: Container) -> bool:
         """Record a registration; True if the new configuration was pushed."""
+        if self.state.lost_data(name, body.chain_id, body.applied_seq):
+            self._log_lost_data(name, body)
         if self.state.register(
             name,
             host,
@@ -282,6 +284,30 @@ class MasterService(service.MultiService):
             self.changed()
             return True
         return False
+
+    def _log_lost_data(self, name: str, body: Container) -> None:
+        fields = {
+            "name": name,
+            "chain_id": body.chain_id,
+            "seq": body.applied_seq,
+            "reported": self.state.reported.get(name, 0),
+        }
+        chain = self.state.chain_of(name)
+        if chain is not None and len(chain.members) <= 1:
+            # remove() never empties a chain: nobody else holds its data.
+            self.log.critical(
+                "node {name} comes back without the data it had (chain {chain_id}, "
+                "applied seq {seq}, last reported {reported}) but is the last member "
+                "of its chain: it keeps its place; acknowledged writes may be lost",
+                **fields,
+            )
+            return
+        self.log.warn(
+            "node {name} comes back without the data it had (chain {chain_id}, "
+            "applied seq {seq}, last reported {reported}): taken out of its chain, "
+            "it rejoins by state transfer",
+            **fields,
+        )
 
     def detect_failures(self) -> None:
         """

@@ -80,7 +80,7 @@ class MasterState:
         self.last_seen[name] = time.monotonic() if now is None else now
         member = Member(name, host, port)
         old = self.nodes.get(name)
-        lost = self._lost_data(name, chain_id, committed_seq)
+        lost = self.lost_data(name, chain_id, committed_seq)
         if committed_seq is not None:
             self.reported[name] = max(self.reported.get(name, 0), committed_seq)
         if old is not None:
@@ -109,7 +109,12 @@ class MasterState:
         self.version += 1
         return True
 
-    def _lost_data(self, name: str, chain_id: int | None, committed_seq: int | None) -> bool:
+    def lost_data(self, name: str, chain_id: int | None, committed_seq: int | None) -> bool:
+        """
+        Would a registration of chain member C{name} with this store take it
+        out of its chain?  True if the store knows no chain or another one,
+        or has less than C{name} reported before.
+        """
         chain = self.chain_of(name)
         if chain is None or not chain.formed or chain_id is None:
             return False
