@@ -340,43 +340,43 @@ def test_a_spare_goes_to_the_chain_that_most_needs_a_member():
     assert started[0][0] == 1  # chain 1 (one member left) is served first
 
 
-def test_a_member_back_without_its_data_is_logged(master):
-    """The operator sees why a member left its chain: a warning with both seqs."""
-    from twisted.logger import LogLevel, capturedLogs
+def b_back_without_its_data(m: MasterService, clock, remove_a: bool = False) -> list:
+    """
+    Chain a -> b; b reported seq 40, then registers again with a wiped
+    store (no chain, seq 0).  The log events of that registration.
+    """
+    from twisted.logger import capturedLogs
 
-    m, reactor, clock = master
     pa, _ = connect(m)
     register(pa, "a", 7001)
     pb, _ = connect(m)
     register(pb, "b", 7002)
+    if remove_a:
+        assert m.state.remove("a")
     m.state.heartbeat("b", clock(), committed_seq=40)
     assert m.state.lost_data("b", wire.NO_CHAIN, 0)
     assert not m.state.lost_data("b", 0, 40)
     with capturedLogs() as events:
-        register(pb, "b", 7002)  # a wiped store: no chain, seq 0
-    warned = [
-        e
-        for e in events
-        if e["log_level"] == LogLevel.warn and "without the data" in e["log_format"]
-    ]
-    assert len(warned) == 1
-    assert (warned[0]["name"], warned[0]["seq"], warned[0]["reported"]) == ("b", 0, 40)
+        register(pb, "b", 7002)
+    return [e for e in events if "without the data" in e.get("log_format", "")]
+
+
+def test_a_member_back_without_its_data_is_logged(master):
+    """The operator sees why a member left its chain: a warning with both seqs."""
+    from twisted.logger import LogLevel
+
+    m, reactor, clock = master
+    [event] = b_back_without_its_data(m, clock)
+    assert event["log_level"] == LogLevel.warn
+    assert (event["name"], event["seq"], event["reported"]) == ("b", 0, 40)
     assert [mm.name for mm in m.state.config().chains[0].members] == ["a"]
 
 
 def test_the_last_member_back_without_its_data_is_a_critical_log(master):
     """It cannot be taken out (nobody else holds the chain's data): say so loudly."""
-    from twisted.logger import LogLevel, capturedLogs
+    from twisted.logger import LogLevel
 
     m, reactor, clock = master
-    pa, _ = connect(m)
-    register(pa, "a", 7001)
-    pb, _ = connect(m)
-    register(pb, "b", 7002)
-    assert m.state.remove("a")
-    m.state.heartbeat("b", clock(), committed_seq=40)
-    with capturedLogs() as events:
-        register(pb, "b", 7002)
-    levels = [e["log_level"] for e in events if "without the data" in e.get("log_format", "")]
-    assert levels == [LogLevel.critical]
+    [event] = b_back_without_its_data(m, clock, remove_a=True)
+    assert event["log_level"] == LogLevel.critical
     assert [mm.name for mm in m.state.config().chains[0].members] == ["b"]
