@@ -45,7 +45,10 @@ setup(
     install_requires=[
         "twisted>=24",
         "construct==2.10.*",
-        "lmdb>=1.4",
+        # 3.x: closing or resizing an environment while another thread
+        # reads (an admin digest, a state transfer) fails that read cleanly;
+        # 1.4 could crash the process.
+        "lmdb>=3",
     ],
     extras_require={
         # wheel: tests/test_packaging.py builds a wheel offline.

@@ -135,7 +135,8 @@ class Store:
             max_dbs=8,
             sync=self.sync_mode == "durable",
             metasync=self.sync_mode == "durable",
-            # A node holds one environment; readers are the reactor thread.
+            # A node holds one environment; readers are the reactor thread
+            # and the thread of an admin digest.
             max_readers=64,
         )
         self.map_size = self.env.info()["map_size"]

@@ -383,6 +383,54 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(self.engine.outstanding, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_a_timer_armed_while_waking_does_not_delay_an_earlier_one(self) -> None:
+        """
+        At t=1 the first request is resent and armed again for t=2; the
+        second, due at t=1.2, is still resent at t=1.2.
+        """
+        self.submit(Op.PUT, value=b"1", timeout=10.0)
+        self.clock.advance(0.2)
+        self.submit(Op.PUT, key=b"j", value=b"2", timeout=10.0)
+        self.clock.advance(0.8)
+        self.assertEqual([r.request_id for r in self.path.sent], [1, 2, 1])
+        self.clock.advance(0.2)
+        self.assertEqual([r.request_id for r in self.path.sent], [1, 2, 1, 2])
+
+    def test_an_action_that_raises_leaves_the_other_timers(self) -> None:
+        """A resend that raises (a bug below the engine) does not stop the others' timers."""
+        a = self.submit(Op.PUT, value=b"1", timeout=3.0)
+        b = self.submit(Op.PUT, key=b"j", value=b"2", timeout=3.0)
+        transmit = self.path.transmit
+
+        def broken(key: bytes, frame: bytes) -> bool:
+            self.path.transmit = transmit
+            raise RuntimeError("transport bug")
+
+        self.path.transmit = broken  # type: ignore[method-assign]
+        self.assertRaises(RuntimeError, self.clock.advance, 1.0)
+        self.clock.advance(2.0)
+        self.failureResultOf(b, Unavailable)
+        self.assertNoResult(a)  # its own resend failed: as before, it waits for a reply
+        self.engine.reply_received(1, Status.OK, b"")
+        self.successResultOf(a)
+
+    def test_finished_requests_are_not_kept_by_their_timers(self) -> None:
+        """A request answered long before its resend time is not held by the timer heap."""
+        for i in range(20):
+            self.submit(Op.PUT, key=b"k%d" % i, value=b"v" * 1000)
+        for r in self.path.sent[:19]:
+            self.engine.reply_received(r.request_id, Status.OK, b"")
+        held = [e[2] for e in self.engine._deadlines if e[2] is not None]
+        self.assertEqual([p.request_id for p in held], [20])
+
+    def test_fail_all_survives_a_callback_that_cancels_another_request(self) -> None:
+        a = self.submit(Op.PUT, value=b"1")
+        b = self.submit(Op.PUT, key=b"j", value=b"2")
+        a.addErrback(lambda f: b.cancel())
+        self.engine.fail_all(Unavailable("closed"))
+        self.failureResultOf(b)
+        self.assertEqual(self.engine.outstanding, 0)
+
     def test_expiry_among_many_timers(self) -> None:
         """Requests with different timeouts expire each at its own deadline."""
         short = self.submit(Op.PUT, value=b"1", timeout=0.3)

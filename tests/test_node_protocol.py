@@ -680,3 +680,85 @@ def test_digest_runs_off_the_reactor_and_holds_the_store_open(tmp_path):
     keys, sha, seq = d.result
     assert (keys, seq) == (1, 1) and len(sha) == 64
     assert stopped.called and node.store.env is None
+
+
+def test_a_full_map_grows_only_once_the_digests_are_done(single, monkeypatch):
+    """
+    LMDB resizes its map only with no transaction open in the process: with
+    a digest reading on a thread, a commit that finds the map full waits
+    (no commit is tried meanwhile), then the map grows and the write goes
+    through.
+    """
+    import lmdb
+    from twisted.internet.defer import Deferred
+
+    pending: list[tuple[Any, Deferred]] = []
+
+    def in_thread(f):
+        d: Deferred = Deferred()
+        pending.append((f, d))
+        return d
+
+    single._in_thread = in_thread
+    single.running = True
+    digest = single.digest()
+    store = single.store
+    real_commit, grown, commits = store.commit, [], []
+
+    def commit(batch):
+        commits.append(batch)
+        if not grown:
+            raise lmdb.MapFullError("full")
+        real_commit(batch)
+
+    monkeypatch.setattr(store, "commit", commit)
+    monkeypatch.setattr(store, "grow", lambda: grown.append(True))
+    proto, tr = connect(single)
+    hello(proto, tr)
+    proto.dataReceived(request(request_id=1, key=b"k", value=b"v"))
+    assert len(commits) == 1 and not grown and received(tr) == []
+    proto.dataReceived(request(request_id=2, key=b"k2", value=b"v"))
+    assert len(commits) == 1  # nothing is tried while the digest reads
+    [(f, d)] = pending
+    d.callback(f())
+    assert digest.called
+    assert grown == [True] and len(commits) == 2
+    replies = [body.request_id for _, body in received(tr)]
+    assert replies == [1, 2]
+    assert store.get(b"k") == b"v" and store.get(b"k2") == b"v"
+
+
+def test_no_digest_starts_once_the_node_is_stopping(tmp_path):
+    """
+    While a stop waits for a running digest, a new one (from an admin
+    connection still open) is refused: the store is about to close.
+    """
+    from twisted.internet.defer import Deferred
+
+    pending: list[tuple[Any, Deferred]] = []
+
+    def in_thread(f):
+        d: Deferred = Deferred()
+        pending.append((f, d))
+        return d
+
+    node = NodeService(
+        name="n1",
+        listen="tcp:0:interface=127.0.0.1",
+        master="tcp:127.0.0.1:1",
+        data_dir=str(tmp_path / "n1"),
+        reactor=MemoryReactorClock(),
+        commit_inline=True,
+        in_thread=in_thread,
+    )
+    node.startService()
+    first = node.digest()
+    stopped = node.stopService()
+    refused = node.digest()
+    assert "n1 is stopping" in refused.result.getErrorMessage()
+    refused.addErrback(lambda f: None)
+    assert len(pending) == 1 and not stopped.called
+    f, d = pending[0]
+    d.callback(f())
+    assert first.result[0] == 0
+    assert stopped.called and node.store.env is None

@@ -287,6 +287,8 @@ class NodeService(service.MultiService):
         self._in_thread = in_thread or self._in_reactor_pool
         #: Digests being computed (the store stays open until they finish).
         self._digests: set[defer.Deferred[Any]] = set()
+        #: The map is full and waits for the digests to end to grow.
+        self._growing = False
         self._session_sweeper: LoopingCall | None = None
         #: The sweep in progress: where the next chunk starts (None: none).
         self._sweep_start: bytes | None = None
@@ -433,9 +435,11 @@ class NodeService(service.MultiService):
             self._session_sweeper.stop()
         if self._pool is not None:
             self._pool.stop()
-        if self._digests:
+        while self._digests:
             # A thread is reading the store: closing it under that thread
-            # would pull the memory map from under its feet.
+            # would pull the memory map from under its feet.  (No new digest
+            # starts once stopping, but one may have started during the
+            # awaits above.)
             await defer.DeferredList(list(self._digests), consumeErrors=True)
         if self.store is not None:
             self.store.close()
@@ -725,7 +729,7 @@ class NodeService(service.MultiService):
         the successor what it has not had yet: the accepted entries go on
         while the disk works (pipelined durability), then our frontier.
         """
-        if not (self.receiving_snapshot or self._sweeping):
+        if not (self.receiving_snapshot or self._sweeping or self._growing):
             batch = self.replica.take_batch()
             if batch is not None:
                 replica = self.replica
@@ -760,12 +764,26 @@ class NodeService(service.MultiService):
             return
         self.replica.batch_failed(batch)
         if f.check(lmdb.MapFullError):
-            assert self.store is not None
-            self.store.grow()
-            self.kick()
+            self._grow()
             return
         self.log.failure("commit of {n} entries failed; retrying in 1s", f, n=len(batch.entries))
         self.reactor.callLater(1.0, self.kick)
+
+    def _grow(self) -> None:
+        """
+        Grow the full map, then commit again.  LMDB resizes the map only
+        with no transaction open in the process, and a digest thread holds
+        one: until the digests are done, no commit starts (C{_growing}).
+        """
+        if self._digests:
+            self._growing = True
+            done = defer.DeferredList(list(self._digests), consumeErrors=True)
+            done.addCallback(lambda _: self._grow())
+            return
+        self._growing = False
+        if self.store is not None and self.store.env is not None:
+            self.store.grow()
+        self.kick()
 
     def expire_sessions(self) -> defer.Deferred[int]:
         """
@@ -850,8 +868,10 @@ class NodeService(service.MultiService):
         seconds, and the node keeps serving (and sending heartbeats, so the
         master does not take it for dead) meanwhile.
         """
-        if self.store is None:
+        if self.store is None or self.store.env is None:
             return defer.fail(RuntimeError("the store is not open"))
+        if not self.running:
+            return defer.fail(RuntimeError(f"node {self.name} is stopping"))
         d = self._in_thread(self.store.digest)
         self._digests.add(d)
 

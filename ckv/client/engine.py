@@ -102,10 +102,12 @@ def check_sizes(key: bytes, value: bytes | None = None, expected: bytes | None =
             )
 
 
-#: An entry of the deadline heap: when, a tie-breaker (the order of arming,
-#: as the reactor orders calls due at the same time), and the request.  An
-#: entry no longer stored as its request's C{timer} is stale and skipped.
-_Deadline = tuple[float, int, "_Pending"]
+#: An entry of the deadline heap: C{[when, tie-breaker, request]}; the
+#: tie-breaker (the order of arming, as the reactor orders calls due at the
+#: same time) is unique, so the request is never compared.  Stopping a timer
+#: empties the last slot: the stale entry, skipped when it reaches the top,
+#: then holds no reference to the request (its frame may be large).
+_Deadline = list[Any]
 
 
 @dataclass(eq=False, slots=True)
@@ -279,7 +281,7 @@ class RequestEngine:
         if left <= delay:
             action, delay = self._expire, max(0.0, left)
         due = now + delay
-        entry = (due, next(self._armed), p)
+        entry = [due, next(self._armed), p]
         p.timer, p.action = entry, action
         heapq.heappush(self._deadlines, entry)
         if due < self._wakeup_at:
@@ -298,20 +300,26 @@ class RequestEngine:
         now = max(self.clock.seconds(), self._wakeup_at)
         self._wakeup, self._wakeup_at = None, math.inf
         heap = self._deadlines
-        while heap:
-            entry = heap[0]
-            p = entry[2]
-            if p.timer is not entry:
-                heapq.heappop(heap)  # stale: stopped or armed again since
-                continue
-            if entry[0] > now:
-                break
-            heapq.heappop(heap)
-            action = p.action
-            p.timer = p.action = None
-            action(p)  # type: ignore[misc]
-        if heap:
-            self._schedule_wakeup(heap[0][0], self.clock.seconds())
+        try:
+            while heap:
+                entry = heap[0]
+                p = entry[2]
+                if p is None:
+                    heapq.heappop(heap)  # stale: stopped or armed again since
+                    continue
+                if entry[0] > now:
+                    break
+                heapq.heappop(heap)
+                action = p.action
+                entry[2] = p.timer = p.action = None
+                action(p)  # type: ignore[misc]
+        finally:
+            # Wait for the earliest live deadline (sooner than one an action
+            # may have armed meanwhile), even if an action raised.
+            while heap and heap[0][2] is None:
+                heapq.heappop(heap)
+            if heap and heap[0][0] < self._wakeup_at:
+                self._schedule_wakeup(heap[0][0], self.clock.seconds())
 
     def _silence(self, p: _Pending) -> None:
         self.log.debug(
@@ -329,6 +337,8 @@ class RequestEngine:
     @staticmethod
     def _stop_timer(p: _Pending) -> None:
         # Its heap entry goes stale; it is dropped when it reaches the top.
+        if p.timer is not None:
+            p.timer[2] = None
         p.timer = p.action = None
 
     # -- events from the session layer -------------------------------------
@@ -394,8 +404,10 @@ class RequestEngine:
     def fail_all(self, exc: Exception) -> None:
         """Fail every outstanding request with C{exc} (the client closes)."""
         for p in list(self._pending.values()):
-            self._finish(p)
-            p.deferred.errback(exc)
+            # A callback of an earlier one may have cancelled this one.
+            if self._pending.get(p.request_id) is p:
+                self._finish(p)
+                p.deferred.errback(exc)
 
     # -- endings ------------------------------------------------------------
 
