@@ -130,9 +130,18 @@ def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
     for i, p in enumerate(procs):
         os.makedirs(os.path.join(workdir, f"w{i}"), exist_ok=True)
         p.start()
-    rates = [out.get(timeout=seconds + 60) for _ in procs]
-    for p in procs:
-        p.join(60)
+    import queue
+
+    try:
+        rates = [out.get(timeout=seconds + 60) for _ in procs]
+    except queue.Empty:
+        codes = [p.exitcode for p in procs]
+        raise RuntimeError(
+            f"disk calibration: a writer did not report (exit codes {codes})"
+        ) from None
+    finally:
+        for p in procs:
+            p.join(60)
     total = sum(rates)
     return total, 1000.0 * writers / total if total else float("inf")
 
