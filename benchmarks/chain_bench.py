@@ -155,7 +155,9 @@ def start_cluster(workdir: str, sync: str, chains: int) -> tuple[subprocess.Pope
             "--base-port", "0", "--sync", sync, "--ready-file", ready,
             "--chains", str(chains), "--nodes", str(3 * chains),
         ],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # cwd: `python -m` puts the working directory first on sys.path, so
+        # run from another checkout this would benchmark that one's code.
+        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -180,7 +182,7 @@ def bench(
             "--duration", str(duration), "--concurrency", str(concurrency),
             *(["--direct"] if direct else []),
         ],
-        env=_env(), capture_output=True, text=True, timeout=duration * 3 + 120,
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=duration * 3 + 120,
     )  # fmt: skip
     if out.returncode != 0:
         raise SystemExit(f"ckv bench failed: {out.stderr}")

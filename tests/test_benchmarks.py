@@ -29,3 +29,35 @@ def test_disk_calibration_measures_fsynced_commits(tmp_path: Path) -> None:
     assert 0 < ms < 1000
     # Each writer had its own LMDB environment in the work directory.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w0", "w1", "w2"]
+
+
+def test_the_processes_run_from_this_checkout(monkeypatch, tmp_path: Path) -> None:
+    """
+    `python -m ckv.cli` puts the working directory first on sys.path: run
+    from another checkout, the benchmark would measure that one's code.  So
+    every process starts in this repository.
+    """
+    import json
+    import subprocess
+
+    cb = load_chain_bench()
+    seen: list[dict] = []
+
+    class Done:
+        returncode = 0
+        stdout = json.dumps({"ops_per_s": 1.0})
+
+        def poll(self) -> None:
+            return None
+
+    def fake(args: list[str], **kw: object) -> Done:
+        seen.append(kw)
+        (tmp_path / "ready.json").write_text(json.dumps({"connect": "tcp:x"}))
+        return Done()
+
+    monkeypatch.setattr(subprocess, "Popen", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
+    monkeypatch.chdir(tmp_path)
+    cb.start_cluster(str(tmp_path), "durable", 1)
+    cb.bench("tcp:x", "write", 1.0, 1, False)
+    assert [kw["cwd"] for kw in seen] == [str(ROOT), str(ROOT)]
