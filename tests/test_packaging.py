@@ -151,5 +151,5 @@ def test_wheel_contents(tmp_path: Path) -> None:
     assert "ckv = ckv.cli:main" in zipfile.ZipFile(whl).read(entry_points).decode()
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     text = zipfile.ZipFile(whl).read(metadata).decode()
-    for requirement in ("twisted>=24", "construct==2.10.*", "lmdb>=1.4"):
+    for requirement in ("twisted>=24", "construct==2.10.*", "lmdb>=3"):
         assert requirement in text.lower().replace(" ", "")
