@@ -645,21 +645,26 @@ def test_a_joining_node_that_holds_its_snapshot_refuses_another(tmp_path, reques
     assert node.joined is None and node.receiving_snapshot
 
 
-def test_digest_runs_off_the_reactor_and_holds_the_store_open(tmp_path):
-    """
-    The admin digest is computed through C{in_thread} (a thread in a real
-    node), from one snapshot; stopping the node waits for a digest still
-    running before closing the store.
-    """
-    from twisted.internet.defer import Deferred
+class HeldThreads:
+    """A NodeService C{in_thread}: each call waits until the test runs it."""
 
-    calls: list[tuple[Any, Deferred]] = []
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any]] = []
 
-    def in_thread(f):
+    def __call__(self, f: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
         d: Deferred = Deferred()
-        calls.append((f, d))
+        self.calls.append((f, d))
         return d
 
+    def run_all(self) -> None:
+        calls, self.calls = self.calls, []
+        for f, d in calls:
+            d.callback(f())
+
+
+def started_node(tmp_path, in_thread: Any) -> NodeService:
     node = NodeService(
         name="n1",
         listen="tcp:0:interface=127.0.0.1",
@@ -670,16 +675,27 @@ def test_digest_runs_off_the_reactor_and_holds_the_store_open(tmp_path):
         in_thread=in_thread,
     )
     node.startService()
+    return node
+
+
+def test_digest_runs_off_the_reactor_and_holds_the_store_open(tmp_path):
+    """
+    The admin digest is computed through C{in_thread} (a thread in a real
+    node), from one snapshot; stopping the node waits for a digest still
+    running before closing the store.
+    """
+    threads = HeldThreads()
+    node = started_node(tmp_path, threads)
     node.store.commit(Batch([Entry(1, CID_A, 1, 1, int(Op.PUT), 0, b"k", b"v")]))
     d = node.digest()
-    assert not d.called
-    [(f, pending)] = calls
+    assert not d.called and len(threads.calls) == 1
     stopped = node.stopService()
     assert not stopped.called and node.store.env is not None  # still open for the reader
-    pending.callback(f())
+    threads.run_all()
     keys, sha, seq = d.result
     assert (keys, seq) == (1, 1) and len(sha) == 64
     assert stopped.called and node.store.env is None
+
 
 
 def test_a_full_map_grows_only_once_the_digests_are_done(single, monkeypatch):
@@ -690,16 +706,9 @@ def test_a_full_map_grows_only_once_the_digests_are_done(single, monkeypatch):
     through.
     """
     import lmdb
-    from twisted.internet.defer import Deferred
 
-    pending: list[tuple[Any, Deferred]] = []
-
-    def in_thread(f):
-        d: Deferred = Deferred()
-        pending.append((f, d))
-        return d
-
-    single._in_thread = in_thread
+    threads = HeldThreads()
+    single._in_thread = threads
     single.running = True
     digest = single.digest()
     store = single.store
@@ -719,8 +728,7 @@ def test_a_full_map_grows_only_once_the_digests_are_done(single, monkeypatch):
     assert len(commits) == 1 and not grown and received(tr) == []
     proto.dataReceived(request(request_id=2, key=b"k2", value=b"v"))
     assert len(commits) == 1  # nothing is tried while the digest reads
-    [(f, d)] = pending
-    d.callback(f())
+    threads.run_all()
     assert digest.called
     assert grown == [True] and len(commits) == 2
     replies = [body.request_id for _, body in received(tr)]
@@ -733,32 +741,14 @@ def test_no_digest_starts_once_the_node_is_stopping(tmp_path):
     While a stop waits for a running digest, a new one (from an admin
     connection still open) is refused: the store is about to close.
     """
-    from twisted.internet.defer import Deferred
-
-    pending: list[tuple[Any, Deferred]] = []
-
-    def in_thread(f):
-        d: Deferred = Deferred()
-        pending.append((f, d))
-        return d
-
-    node = NodeService(
-        name="n1",
-        listen="tcp:0:interface=127.0.0.1",
-        master="tcp:127.0.0.1:1",
-        data_dir=str(tmp_path / "n1"),
-        reactor=MemoryReactorClock(),
-        commit_inline=True,
-        in_thread=in_thread,
-    )
-    node.startService()
+    threads = HeldThreads()
+    node = started_node(tmp_path, threads)
     first = node.digest()
     stopped = node.stopService()
     refused = node.digest()
     assert "n1 is stopping" in refused.result.getErrorMessage()
     refused.addErrback(lambda f: None)
-    assert len(pending) == 1 and not stopped.called
-    f, d = pending[0]
-    d.callback(f())
+    assert len(threads.calls) == 1 and not stopped.called
+    threads.run_all()
     assert first.result[0] == 0
     assert stopped.called and node.store.env is None
