@@ -380,3 +380,24 @@ def test_the_last_member_back_without_its_data_is_a_critical_log(master):
     [event] = b_back_without_its_data(m, clock, remove_a=True)
     assert event["log_level"] == LogLevel.critical
     assert [mm.name for mm in m.state.config().chains[0].members] == ["b"]
+
+
+def test_a_member_back_by_state_transfer_is_judged_by_its_new_store():
+    """
+    A removed member that reported seq 1000 rejoins through a snapshot at a
+    lower seq (its old head's unacknowledged updates were never the
+    chain's); restarted before it passes 1000, it keeps its place.
+    """
+    s = formed()
+    s.heartbeat("n3", 1.0, committed_seq=1000)
+    assert s.remove("n3")
+    s.heartbeat("n3", 2.0, committed_seq=1000)  # a spare, still on its old store
+    [(chain_id, name)] = s.plan_joins(2.0, timeout=5.0)
+    epoch = s.chains[0].epoch
+    assert s.joined(name, chain_id, epoch)
+    s.heartbeat("n3", 3.0, committed_seq=990)
+    assert not s.register("n3", "127.0.0.1", 7003, now=4.0, chain_id=0, committed_seq=995)
+    assert members(s) == ["n1", "n2", "n3"]
+    # Less than what it reported since the join still counts as lost data.
+    assert s.register("n3", "127.0.0.1", 7003, now=5.0, chain_id=0, committed_seq=980)
+    assert members(s) == ["n1", "n2"]

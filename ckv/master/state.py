@@ -253,6 +253,9 @@ class MasterState:
             if c.chain_id == chain_id and c.joining == name and c.epoch == epoch:
                 c.members.append(name)
                 c.joining = None
+                # Its store is now the tail's snapshot, which may be behind
+                # what its old store had reported: count from the next report.
+                self.reported.pop(name, None)
                 c.epoch += 1
                 self.version += 1
                 return True
