@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import queue
+import random
 import resource
 import signal
 import subprocess
@@ -87,9 +90,7 @@ def cpu_line(before: dict[str, float | None], after: dict[str, float | None],
 
 def _disk_writer(path: str, seconds: float, puts: int, out: Any) -> None:
     """One LMDB writer as a durable node commits: fsync on, `puts` random puts per commit."""
-    import random
-
-    import lmdb
+    import lmdb  # here: the benchmark itself needs only the standard library
 
     env = lmdb.open(path, map_size=1 << 28, max_dbs=2, sync=True, metasync=True)
     db = env.open_db(b"data")
@@ -117,8 +118,6 @@ def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
     throughput follows this number: on a shared virtual disk it moves by a
     third from one minute to the next, so quote it with the results.
     """
-    import multiprocessing
-
     # fork: the writers need nothing but lmdb, and this script may have
     # been loaded from a path that a spawned child could not import.
     ctx = multiprocessing.get_context("fork")
@@ -130,8 +129,6 @@ def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
     for i, p in enumerate(procs):
         os.makedirs(os.path.join(workdir, f"w{i}"), exist_ok=True)
         p.start()
-    import queue
-
     try:
         rates = [out.get(timeout=seconds + 60) for _ in procs]
     except queue.Empty:

@@ -175,16 +175,17 @@ class Store:
         """Read back the replica's durable state."""
         env = self._env()
         with env.begin() as txn:
-            applied = txn.get(_APPLIED, db=self._meta)
-            epoch = txn.get(_EPOCH, db=self._meta)
-            chain = txn.get(_CHAIN, db=self._meta)
-            sent = [Entry.decode(v) for _, v in txn.cursor(db=self._sent)]
-        return Recovered(
-            applied_seq=_U64.unpack(applied)[0] if applied else 0,
-            epoch=_U64.unpack(epoch)[0] if epoch else 0,
-            chain_id=_U64.unpack(chain)[0] if chain else wire.NO_CHAIN,
-            sent=sent,
-        )
+            return Recovered(
+                applied_seq=self._meta_u64(txn, _APPLIED),
+                epoch=self._meta_u64(txn, _EPOCH),
+                chain_id=self._meta_u64(txn, _CHAIN, wire.NO_CHAIN),
+                sent=[Entry.decode(v) for _, v in txn.cursor(db=self._sent)],
+            )
+
+    def _meta_u64(self, txn: lmdb.Transaction, key: bytes, default: int = 0) -> int:
+        """A number of the meta database (applied seq, epoch, chain id), read in C{txn}."""
+        raw = txn.get(key, db=self._meta)
+        return _U64.unpack(raw)[0] if raw else default
 
     def stats(self) -> dict[str, int]:
         env = self._env()
@@ -218,8 +219,7 @@ class Store:
         """
         env = self._env()
         txn = env.begin(buffers=False)
-        raw = txn.get(_APPLIED, db=self._meta)
-        seq = _U64.unpack(raw)[0] if raw else 0
+        seq = self._meta_u64(txn, _APPLIED)
 
         def chunks() -> Iterator[list[tuple[int, bytes, bytes]]]:
             try:
@@ -270,8 +270,7 @@ class Store:
         h = hashlib.sha256()
         n = 0
         with self._env().begin(db=self._data) as txn:
-            raw = txn.get(_APPLIED, db=self._meta)
-            applied = _U64.unpack(raw)[0] if raw is not None else 0
+            applied = self._meta_u64(txn, _APPLIED)
             for k, v in txn.cursor():
                 h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
                 n += 1

@@ -440,7 +440,7 @@ class NodeService(service.MultiService):
             # would pull the memory map from under its feet.  (No new digest
             # starts once stopping, but one may have started during the
             # awaits above.)
-            await defer.DeferredList(list(self._digests), consumeErrors=True)
+            await self._digests_done()
         if self.store is not None:
             self.store.close()
 
@@ -777,8 +777,7 @@ class NodeService(service.MultiService):
         """
         if self._digests:
             self._growing = True
-            done = defer.DeferredList(list(self._digests), consumeErrors=True)
-            done.addCallback(lambda _: self._grow())
+            self._digests_done().addCallback(lambda _: self._grow())
             return
         self._growing = False
         if self.store is not None and self.store.env is not None:
@@ -880,6 +879,10 @@ class NodeService(service.MultiService):
             return result
 
         return d.addBoth(done)
+
+    def _digests_done(self) -> defer.Deferred[Any]:
+        """Fires once the digests running now have ended (whatever their outcome)."""
+        return defer.DeferredList(list(self._digests), consumeErrors=True)
 
     def _in_reactor_pool(self, f: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f)

@@ -102,11 +102,12 @@ def check_sizes(key: bytes, value: bytes | None = None, expected: bytes | None =
             )
 
 
-#: An entry of the deadline heap: C{[when, tie-breaker, request]}; the
-#: tie-breaker (the order of arming, as the reactor orders calls due at the
-#: same time) is unique, so the request is never compared.  Stopping a timer
-#: empties the last slot: the stale entry, skipped when it reaches the top,
-#: then holds no reference to the request (its frame may be large).
+#: An entry of the deadline heap: C{[when, tie-breaker, request, action]};
+#: the tie-breaker (the order of arming, as the reactor orders calls due at
+#: the same time) is unique, so the request is never compared.  Stopping a
+#: timer empties the request's slot: the stale entry, skipped when it
+#: reaches the top, then holds no reference to the request (its frame may
+#: be large).
 _Deadline = list[Any]
 
 
@@ -131,7 +132,6 @@ class _Pending:
     #: backoff, or expire, whichever comes first), as the entry in the
     #: engine's deadline heap that stands for it (None: nothing is due).
     timer: _Deadline | None = field(default=None, repr=False)
-    action: Callable[[_Pending], None] | None = field(default=None, repr=False)
     #: True while the frame is out and we wait for its reply.
     sent: bool = False
     #: How many times the frame was handed to the transport.
@@ -281,17 +281,21 @@ class RequestEngine:
         if left <= delay:
             action, delay = self._expire, max(0.0, left)
         due = now + delay
-        entry = [due, next(self._armed), p]
-        p.timer, p.action = entry, action
+        entry = [due, next(self._armed), p, action]
+        p.timer = entry
         heapq.heappush(self._deadlines, entry)
         if due < self._wakeup_at:
             self._schedule_wakeup(due, now)
 
     def _schedule_wakeup(self, due: float, now: float) -> None:
-        if self._wakeup is not None and self._wakeup.active():
-            self._wakeup.cancel()
+        self._cancel_wakeup()
         self._wakeup = self.clock.callLater(max(0.0, due - now), self._wake)
         self._wakeup_at = due
+
+    def _cancel_wakeup(self) -> None:
+        if self._wakeup is not None and self._wakeup.active():
+            self._wakeup.cancel()
+        self._wakeup, self._wakeup_at = None, math.inf
 
     def _wake(self) -> None:
         """Run every action that is due, in order; then wait for the next."""
@@ -310,9 +314,8 @@ class RequestEngine:
                 if entry[0] > now:
                     break
                 heapq.heappop(heap)
-                action = p.action
-                entry[2] = p.timer = p.action = None
-                action(p)  # type: ignore[misc]
+                entry[2] = p.timer = None
+                entry[3](p)
         finally:
             # Wait for the earliest live deadline (sooner than one an action
             # may have armed meanwhile), even if an action raised.
@@ -339,7 +342,7 @@ class RequestEngine:
         # Its heap entry goes stale; it is dropped when it reaches the top.
         if p.timer is not None:
             p.timer[2] = None
-        p.timer = p.action = None
+        p.timer = None
 
     # -- events from the session layer -------------------------------------
 
@@ -419,9 +422,7 @@ class RequestEngine:
             # Nothing outstanding: no timer is needed (and none is left
             # behind in the reactor).
             self._deadlines.clear()
-            if self._wakeup is not None and self._wakeup.active():
-                self._wakeup.cancel()
-            self._wakeup, self._wakeup_at = None, math.inf
+            self._cancel_wakeup()
 
     def _expire(self, p: _Pending) -> None:
         if self._pending.get(p.request_id) is not p:

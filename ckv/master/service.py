@@ -263,16 +263,19 @@ class MasterService(service.MultiService):
 
     def register(self, name: str, host: str, port: int, body: Container) -> bool:
         """Record a registration; True if the new configuration was pushed."""
-        if self.state.lost_data(name, body.chain_id, body.applied_seq):
-            self._log_lost_data(name, body)
-        if self.state.register(
+        lost = self.state.lost_data(name, body.chain_id, body.applied_seq)
+        reported = self.state.reported.get(name, 0)
+        changed = self.state.register(
             name,
             host,
             port,
             now=self.clock(),
             chain_id=body.chain_id,
             committed_seq=body.applied_seq,
-        ):
+        )
+        if lost:
+            self._log_lost_data(name, body, reported)
+        if changed:
             self.log.info(
                 "node {name} registered at {host}:{port} (applied seq {seq}); chains: {chains}",
                 name=name,
@@ -285,16 +288,15 @@ class MasterService(service.MultiService):
             return True
         return False
 
-    def _log_lost_data(self, name: str, body: Container) -> None:
+    def _log_lost_data(self, name: str, body: Container, reported: int) -> None:
         fields = {
             "name": name,
             "chain_id": body.chain_id,
             "seq": body.applied_seq,
-            "reported": self.state.reported.get(name, 0),
+            "reported": reported,
         }
-        chain = self.state.chain_of(name)
-        if chain is not None and len(chain.members) <= 1:
-            # remove() never empties a chain: nobody else holds its data.
+        if self.state.chain_of(name) is not None:
+            # Still a member: the last of its chain, which is never removed.
             self.log.critical(
                 "node {name} comes back without the data it had (chain {chain_id}, "
                 "applied seq {seq}, last reported {reported}) but is the last member "
