@@ -17,6 +17,18 @@ Every batch of updates is applied in one write transaction (group commit),
 together with its sessions, its sent entries and the new applied seq, so a
 crash leaves the store at a batch boundary.
 
+In C{durable} mode a batch is first appended to a write-ahead log
+(L{ckv.wal}) and synced there: that is the moment it is durable.  It is
+applied at once to an in-memory overlay that reads consult first, and to
+LMDB by a I{checkpoint}: one fsynced write transaction for every batch
+logged since the last one, run by the commit that finds
+L{CHECKPOINT_ENTRIES} entries or L{CHECKPOINT_BYTES} bytes waiting (and at
+close).  The checkpoint records the last LSN it holds (C{wal_lsn} in
+C{meta}); opening the store applies the records after it.  One synced
+append instead of one LMDB commit per batch: LMDB writes every page a batch
+touched at random places and syncs twice, which costs three to five times
+as much disk time and CPU (see L{ckv.wal}).
+
 Reads run inline on the reactor thread (a read transaction plus a get is
 well under a microsecond); write transactions run wherever L{Store.commit}
 is called: a single dedicated thread in C{durable} mode, so the reactor keeps
@@ -28,8 +40,10 @@ to stay on the thread that began it).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +53,7 @@ from twisted.logger import Logger
 
 from ckv import wire
 from ckv.entry import Entry
+from ckv.wal import WriteAheadLog
 
 SYNC_MODES = ("durable", "replicated")
 
@@ -50,6 +65,24 @@ _LEGACY_SESSION = struct.Struct(">QB")
 _APPLIED = b"applied_seq"
 _EPOCH = b"epoch"
 _CHAIN = b"chain_id"
+_WAL_LSN = b"wal_lsn"
+
+#: A commit that finds this many logged entries not yet in LMDB checkpoints
+#: them first.  Random keys dirty about one LMDB page each, so the first
+#: thousands of entries cost nearly the whole write of a small store: few
+#: large checkpoints cost less than many small ones.  Bounds the memory of
+#: the overlay and the work of a recovery.
+CHECKPOINT_ENTRIES = 16384
+#: The same bound in bytes of log (large values).
+CHECKPOINT_BYTES = 16 << 20
+
+_WAL_FILE = "wal.log"
+#: Log record payload: flags, prune_sent_upto, epoch, chain_id, session time, entry count.
+_RECORD = struct.Struct(">BQQQII")
+_U32 = struct.Struct(">I")
+_KEEP_SENT, _HAS_EPOCH, _HAS_CHAIN = 1, 2, 4
+#: In the overlay: the key was deleted.
+_ABSENT = None
 
 #: Initial map size.  On 64-bit systems a large map costs nothing until used.
 DEFAULT_MAP_SIZE = 1 << 30
@@ -107,10 +140,15 @@ class Store:
         sync: str = "durable",
         map_size: int = DEFAULT_MAP_SIZE,
         clock: Callable[[], float] = time.time,
+        checkpoint_entries: int = CHECKPOINT_ENTRIES,
+        checkpoint_bytes: int = CHECKPOINT_BYTES,
     ) -> None:
         """
         @param clock: wall-clock seconds, stamped on the sessions a commit
             records (their age decides when they expire).
+        @param checkpoint_entries: in C{durable} mode, checkpoint when this
+            many logged entries are not in LMDB yet (see the module doc).
+        @param checkpoint_bytes: or when the log holds this many bytes.
         """
         if sync not in SYNC_MODES:
             raise ValueError(f"unknown sync mode {sync!r}; expected one of {', '.join(SYNC_MODES)}")
@@ -124,6 +162,26 @@ class Store:
         self.commit_max_seconds = 0.0
         self.clock = clock
         self.sessions_expired = 0
+        self.wal: WriteAheadLog | None = None
+        self.checkpoint_entries = checkpoint_entries
+        self.checkpoint_bytes = checkpoint_bytes
+        #: Logged batches not in LMDB yet (durable mode): (batch, session time).
+        self._pending: list[tuple[Batch, int]] = []
+        self._pending_entries = 0
+        self._pending_bytes = 0
+        #: What the pending batches did to the data and sessions, for reads.
+        self._overlay: dict[bytes, bytes | None] = {}
+        self._overlay_sessions: dict[bytes, bytes] = {}
+        #: Last LSN logged, and last applied seq (logged or in LMDB).
+        self._lsn = 0
+        self._applied = 0
+        #: Held while the overlay and LMDB change together (a checkpoint) or
+        #: the overlay takes a batch, and by whoever reads a consistent view
+        #: of both (snapshot, digest, stats).
+        self._view_lock = threading.Lock()
+        self.checkpoints = 0
+        self.checkpoint_seconds = 0.0
+        self.checkpoint_max_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -144,10 +202,39 @@ class Store:
         self._sessions = self.env.open_db(b"sessions")
         self._sent = self.env.open_db(b"sent")
         self._meta = self.env.open_db(b"meta")
+        with self.env.begin() as txn:
+            self._applied = self._meta_u64(txn, _APPLIED)
+            self._lsn = self._meta_u64(txn, _WAL_LSN)
+        if self.sync_mode == "durable":
+            self.wal = WriteAheadLog(os.path.join(self.path, _WAL_FILE))
+            self.wal.open()
+            self._replay()
+
+    def _replay(self) -> None:
+        """Apply the batches logged after the last checkpoint (a crash)."""
+        assert self.wal is not None
+        for lsn, payload in self.wal.records(self._lsn):
+            batch, now = _decode_record(payload)
+            self._lsn = lsn
+            self._remember(batch, now, len(payload))
+        if self._pending:
+            n = len(self._pending)
+            self._checkpoint(grow_if_full=True)
+            self.log.info(
+                "replayed {n} logged batches into the store, up to seq {seq}",
+                n=n,
+                seq=self._applied,
+            )
+        self.wal.rewind()
 
     def close(self) -> None:
         if self.env is not None:
-            if self.sync_mode != "durable":
+            if self.wal is not None:
+                # A clean stop leaves nothing to replay.
+                self._checkpoint(grow_if_full=True)
+                self.wal.close()
+                self.wal = None
+            else:
                 self.env.sync(True)
             self.env.close()
             self.env = None
@@ -160,19 +247,31 @@ class Store:
     # -- reads -------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:
+        # The overlay first: a checkpoint empties it only once LMDB holds
+        # the same, so a key is never missing in between.
+        overlay = self._overlay
+        if key in overlay:
+            return overlay[key]
         with self._env().begin(db=self._data, buffers=False) as txn:
             return txn.get(key)
 
     def session(self, skey: bytes) -> tuple[int, int] | None:
         """The last (request id, status) recorded for a session, if any."""
-        with self._env().begin(db=self._sessions) as txn:
-            raw = txn.get(skey)
+        raw = self._overlay_sessions.get(skey)
+        if raw is None:
+            with self._env().begin(db=self._sessions) as txn:
+                raw = txn.get(skey)
         if raw is None:
             return None
         return _LEGACY_SESSION.unpack_from(raw)  # type: ignore[return-value]
 
     def recover(self) -> Recovered:
-        """Read back the replica's durable state."""
+        """
+        Read back the replica's durable state.  Checkpoints first, so call
+        it where commits run, or with none in progress (a node calls it
+        after L{open}, which applies the log, and after a state transfer).
+        """
+        self._checkpoint()
         env = self._env()
         with env.begin() as txn:
             return Recovered(
@@ -187,12 +286,46 @@ class Store:
         raw = txn.get(key, db=self._meta)
         return _U64.unpack(raw)[0] if raw else default
 
+    def _view(
+        self,
+    ) -> tuple[
+        lmdb.Transaction,
+        int,
+        dict[bytes, bytes | None],
+        dict[bytes, bytes],
+        list[tuple[Batch, int]],
+    ]:
+        """
+        A read transaction, the overlay and the logged batches of one
+        moment, and the applied seq of that moment.  The caller aborts the
+        transaction.
+        """
+        with self._view_lock:
+            txn = self._env().begin(buffers=False)
+            pending = list(self._pending)
+            applied = self._applied if pending else self._meta_u64(txn, _APPLIED)
+            return txn, applied, dict(self._overlay), dict(self._overlay_sessions), pending
+
     def stats(self) -> dict[str, int]:
         env = self._env()
-        with env.begin() as txn:
+        txn, _, overlay, sessions_overlay, pending = self._view()
+        try:
             keys = txn.stat(self._data)["entries"]
+            for k, v in overlay.items():
+                keys += (v is not None) - (txn.get(k, db=self._data) is not None)
             sessions = txn.stat(self._sessions)["entries"]
-            sent = txn.stat(self._sent)["entries"]
+            sessions += sum(txn.get(k, db=self._sessions) is None for k in sessions_overlay)
+            # What the sent list holds once the logged batches are applied:
+            # acknowledgements prune a prefix, and entries are added above it.
+            pruned = max((b.prune_sent_upto for b, _ in pending), default=0)
+            sent = sum(
+                1
+                for k in txn.cursor(db=self._sent).iternext(values=False)
+                if _U64.unpack(k)[0] > pruned
+            )
+            sent += sum(e.seq > pruned for b, _ in pending if b.keep_sent for e in b.entries)
+        finally:
+            txn.abort()
         info = env.info()
         return {
             "keys": keys,
@@ -205,6 +338,13 @@ class Store:
             "commit_ms_avg": round(1000 * self.commit_seconds / max(1, self.commits), 3),
             "commit_ms_max": round(1000 * self.commit_max_seconds, 3),
             "sessions_expired": self.sessions_expired,
+            "wal_bytes": self.wal.offset if self.wal is not None else 0,
+            "wal_entries": self._pending_entries,
+            "checkpoints": self.checkpoints,
+            "checkpoint_ms_avg": round(
+                1000 * self.checkpoint_seconds / max(1, self.checkpoints), 3
+            ),
+            "checkpoint_ms_max": round(1000 * self.checkpoint_max_seconds, 3),
         }
 
     # -- state transfer ----------------------------------------------------
@@ -217,17 +357,18 @@ class Store:
         transaction is held until the iterator is exhausted or closed, so the
         snapshot does not move while writes go on.
         """
-        env = self._env()
-        txn = env.begin(buffers=False)
-        seq = self._meta_u64(txn, _APPLIED)
+        txn, seq, overlay, sessions_overlay, _ = self._view()
 
         def chunks() -> Iterator[list[tuple[int, bytes, bytes]]]:
             try:
                 batch: list[tuple[int, bytes, bytes]] = []
                 size = 0
-                for code, db in ((wire.SNAPSHOT_DB_DATA, self._data),
-                                 (wire.SNAPSHOT_DB_SESSIONS, self._sessions)):  # fmt: skip
-                    for k, v in txn.cursor(db=db):
+                parts = (
+                    (wire.SNAPSHOT_DB_DATA, self._data, overlay),
+                    (wire.SNAPSHOT_DB_SESSIONS, self._sessions, sessions_overlay),
+                )
+                for code, db, over in parts:
+                    for k, v in _merged(txn.cursor(db=db), over):
                         batch.append((code, k, v))
                         size += len(k) + len(v) + 8
                         if size >= chunk_bytes:
@@ -245,15 +386,20 @@ class Store:
         with self._env().begin(write=True) as txn:
             for db in (self._data, self._sessions, self._sent, self._meta):
                 txn.drop(db, delete=False)
+            # Nothing logged so far may be applied to what comes next.
+            txn.put(_WAL_LSN, _U64.pack(self._lsn), db=self._meta)
+        self._forget_logged()
 
     def put_snapshot_items(self, items: Iterable[tuple[int, bytes, bytes]]) -> None:
         dbs = {wire.SNAPSHOT_DB_DATA: self._data, wire.SNAPSHOT_DB_SESSIONS: self._sessions}
+        self._checkpoint()  # nothing is logged during a transfer; this keeps the order if it were
         with self._env().begin(write=True) as txn:
             for code, k, v in items:
                 txn.put(k, v, db=dbs[code])
 
     def finish_snapshot(self, seq: int, epoch: int, chain_id: int) -> None:
         """The snapshot is complete: this store is the source's state at C{seq}."""
+        self._checkpoint()
         with self._env().begin(write=True) as txn:
             txn.put(_APPLIED, _U64.pack(seq), db=self._meta)
             txn.put(_EPOCH, _U64.pack(epoch), db=self._meta)
@@ -269,58 +415,147 @@ class Store:
         """
         h = hashlib.sha256()
         n = 0
-        with self._env().begin(db=self._data) as txn:
-            applied = self._meta_u64(txn, _APPLIED)
-            for k, v in txn.cursor():
+        txn, applied, overlay, _, _ = self._view()
+        try:
+            for k, v in _merged(txn.cursor(db=self._data), overlay, ordered=True):
                 h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
                 n += 1
+        finally:
+            txn.abort()
         return n, h.hexdigest(), applied
 
     def items(self) -> Iterable[tuple[bytes, bytes]]:
-        """Every key and value (a snapshot; for tests and small tools)."""
-        with self._env().begin(db=self._data) as txn:
-            return list(txn.cursor())
+        """Every key and value in key order (a snapshot; for tests and small tools)."""
+        txn, _, overlay, _, _ = self._view()
+        try:
+            return list(_merged(txn.cursor(db=self._data), overlay, ordered=True))
+        finally:
+            txn.abort()
 
     # -- writes ------------------------------------------------------------
 
     def commit(self, batch: Batch) -> None:
         """
-        Apply a batch in one write transaction.
+        Make a batch durable (C{durable}: in the log; C{replicated}: in one
+        LMDB write transaction, flushed by L{sync}).  Reads see it once this
+        returns.
 
         @raise lmdb.MapFullError: the map is full; call L{grow} (with no
             transaction open in this process) and commit the batch again.
+            Nothing of the batch was logged or applied.
         """
         env = self._env()
-        data, sessions, sent = self._data, self._sessions, self._sent
         now = int(self.clock()) & 0xFFFFFFFF
         started = time.perf_counter()
-        with env.begin(write=True) as txn:
-            for e in batch.entries:
-                if e.op == wire.Op.PUT:
-                    txn.put(e.key, e.value, db=data)
-                elif e.op == wire.Op.DELETE:
-                    txn.delete(e.key, db=data)
-                if e.client_id != wire.NO_CLIENT:
-                    txn.put(
-                        session_key(e.client_id, e.lane),
-                        _SESSION.pack(e.request_id, e.status, now),
-                        db=sessions,
-                    )
-                if batch.keep_sent:
-                    txn.put(_U64.pack(e.seq), e.encode(), db=sent)
-            if batch.prune_sent_upto:
-                self._prune(txn, batch.prune_sent_upto)
-            if batch.entries:
-                txn.put(_APPLIED, _U64.pack(batch.entries[-1].seq), db=self._meta)
-            if batch.epoch is not None:
-                txn.put(_EPOCH, _U64.pack(batch.epoch), db=self._meta)
-            if batch.chain_id is not None:
-                txn.put(_CHAIN, _U64.pack(batch.chain_id), db=self._meta)
+        if self.wal is None:
+            with env.begin(write=True) as txn:
+                self._apply(txn, batch, now)
+        else:
+            if (
+                self._pending_entries >= self.checkpoint_entries
+                or self._pending_bytes >= self.checkpoint_bytes
+            ):
+                self._checkpoint()
+            payload = _encode_record(batch, now)
+            self.wal.append(self._lsn + 1, payload)
+            self._lsn += 1
+            self._remember(batch, now, len(payload))
         elapsed = time.perf_counter() - started
         self.commits += 1
         self.committed_entries += len(batch.entries)
         self.commit_seconds += elapsed
         self.commit_max_seconds = max(self.commit_max_seconds, elapsed)
+
+    def _remember(self, batch: Batch, now: int, size: int) -> None:
+        """A logged batch: into the overlay (for reads) and the pending list."""
+        overlay, sessions = self._overlay, self._overlay_sessions
+        with self._view_lock:
+            for e in batch.entries:
+                if e.op == wire.Op.PUT:
+                    overlay[e.key] = e.value
+                elif e.op == wire.Op.DELETE:
+                    overlay[e.key] = _ABSENT
+                if e.client_id != wire.NO_CLIENT:
+                    sessions[session_key(e.client_id, e.lane)] = _SESSION.pack(
+                        e.request_id, e.status, now
+                    )
+            if batch.entries:
+                self._applied = batch.entries[-1].seq
+            self._pending.append((batch, now))
+        self._pending_entries += len(batch.entries)
+        self._pending_bytes += size
+
+    def checkpoint(self) -> None:
+        """Put every logged batch into LMDB now (where commits run)."""
+        self._checkpoint()
+
+    def _checkpoint(self, grow_if_full: bool = False) -> None:
+        """
+        One fsynced LMDB write transaction for every logged batch, recording
+        the last LSN it holds; then the log starts again from its beginning.
+
+        @raise lmdb.MapFullError: unless C{grow_if_full} (only with no other
+            transaction open: at open and close); nothing changed.
+        """
+        if not self._pending:
+            return
+        assert self.wal is not None
+        env = self._env()
+        started = time.perf_counter()
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    for batch, now in self._pending:
+                        self._apply(txn, batch, now)
+                    txn.put(_WAL_LSN, _U64.pack(self._lsn), db=self._meta)
+                break
+            except lmdb.MapFullError:
+                if not grow_if_full:
+                    raise
+                self.grow()
+        # Only now: until LMDB held the batches, reads needed the overlay.
+        self._forget_logged()
+        elapsed = time.perf_counter() - started
+        self.checkpoints += 1
+        self.checkpoint_seconds += elapsed
+        self.checkpoint_max_seconds = max(self.checkpoint_max_seconds, elapsed)
+
+    def _forget_logged(self) -> None:
+        """The logged batches are in LMDB (or wiped): drop them, rewind the log."""
+        with self._view_lock:
+            # New dicts, not cleared ones: a reader holding the old one
+            # still finds what it looked for.
+            self._pending = []
+            self._overlay = {}
+            self._overlay_sessions = {}
+        self._pending_entries = self._pending_bytes = 0
+        if self.wal is not None:
+            self.wal.rewind()
+
+    def _apply(self, txn: lmdb.Transaction, batch: Batch, now: int) -> None:
+        """What a batch does to LMDB, in C{txn}."""
+        data, sessions, sent = self._data, self._sessions, self._sent
+        for e in batch.entries:
+            if e.op == wire.Op.PUT:
+                txn.put(e.key, e.value, db=data)
+            elif e.op == wire.Op.DELETE:
+                txn.delete(e.key, db=data)
+            if e.client_id != wire.NO_CLIENT:
+                txn.put(
+                    session_key(e.client_id, e.lane),
+                    _SESSION.pack(e.request_id, e.status, now),
+                    db=sessions,
+                )
+            if batch.keep_sent:
+                txn.put(_U64.pack(e.seq), e.encode(), db=sent)
+        if batch.prune_sent_upto:
+            self._prune(txn, batch.prune_sent_upto)
+        if batch.entries:
+            txn.put(_APPLIED, _U64.pack(batch.entries[-1].seq), db=self._meta)
+        if batch.epoch is not None:
+            txn.put(_EPOCH, _U64.pack(batch.epoch), db=self._meta)
+        if batch.chain_id is not None:
+            txn.put(_CHAIN, _U64.pack(batch.chain_id), db=self._meta)
 
     def expire_sessions(
         self, ttl: float, start: bytes = b"", limit: int = 10_000
@@ -390,3 +625,60 @@ class Store:
     def sync(self) -> None:
         """Flush to disk (the periodic flush of the C{replicated} mode)."""
         self._env().sync(True)
+
+
+def _merged(
+    cursor: Iterable[tuple[bytes, bytes]], overlay: dict[bytes, bytes | None], ordered: bool = False
+) -> Iterator[tuple[bytes, bytes]]:
+    """LMDB's items, the overlay's on top (deleted keys left out); in key order if C{ordered}."""
+    below = ((k, v) for k, v in cursor if k not in overlay)
+    above = [(k, v) for k, v in overlay.items() if v is not None]
+    if ordered:
+        above.sort()
+        yield from heapq.merge(below, above, key=lambda kv: kv[0])
+    else:
+        yield from below
+        yield from above
+
+
+def _encode_record(batch: Batch, now: int) -> bytes:
+    """A batch as a log record's payload (the entries as in the sent list)."""
+    flags = (
+        (_KEEP_SENT if batch.keep_sent else 0)
+        | (_HAS_EPOCH if batch.epoch is not None else 0)
+        | (_HAS_CHAIN if batch.chain_id is not None else 0)
+    )
+    parts = [
+        _RECORD.pack(
+            flags,
+            batch.prune_sent_upto,
+            batch.epoch or 0,
+            batch.chain_id or 0,
+            now,
+            len(batch.entries),
+        )
+    ]
+    for e in batch.entries:
+        raw = e.encode()
+        parts.append(_U32.pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _decode_record(payload: bytes) -> tuple[Batch, int]:
+    flags, prune, epoch, chain_id, now, n = _RECORD.unpack_from(payload)
+    offset = _RECORD.size
+    entries = []
+    for _ in range(n):
+        (length,) = _U32.unpack_from(payload, offset)
+        offset += _U32.size
+        entries.append(Entry.decode(payload[offset : offset + length]))
+        offset += length
+    batch = Batch(
+        entries,
+        keep_sent=bool(flags & _KEEP_SENT),
+        prune_sent_upto=prune,
+        epoch=epoch if flags & _HAS_EPOCH else None,
+        chain_id=chain_id if flags & _HAS_CHAIN else None,
+    )
+    return batch, now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import lmdb
@@ -22,17 +23,37 @@ def entry(seq, op=Op.PUT, key=b"k", value=b"v", client_id=CID, lane=0, request_i
     return Entry(seq, client_id, lane, rid, int(op), int(status), key, value)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(str(tmp_path / "db"))
+#: How a store may be set up: durable with everything still in the log and
+#: the overlay, durable with a checkpoint before every commit (so everything
+#: but the last batch is in LMDB), and replicated (no log).
+CONFIGS = {
+    "durable": {},
+    "durable-checkpointing": {"checkpoint_entries": 1, "checkpoint_bytes": 1},
+    "replicated": {"sync": "replicated"},
+}
+
+
+def make_store(path, config: str = "durable", **kw) -> Store:
+    s = Store(str(path), **{**CONFIGS[config], **kw})
     s.open()
+    return s
+
+
+@pytest.fixture(params=list(CONFIGS))
+def store(tmp_path, request):
+    s = make_store(tmp_path / "db", request.param)
     yield s
     s.close()
 
 
 def reopen(s: Store) -> Store:
     s.close()
-    again = Store(s.path, s.sync_mode)
+    again = Store(
+        s.path,
+        s.sync_mode,
+        checkpoint_entries=s.checkpoint_entries,
+        checkpoint_bytes=s.checkpoint_bytes,
+    )
     again.open()
     return again
 
@@ -182,9 +203,14 @@ def test_open_creates_directory(tmp_path):
         s.close()
 
 
-def test_map_growth(tmp_path):
-    s = Store(str(tmp_path / "db"), map_size=64 * 1024)
-    s.open()
+@pytest.mark.parametrize("config", ["durable-checkpointing", "replicated"])
+def test_map_growth(tmp_path, config):
+    """
+    A full map fails the commit and leaves nothing of its batch behind;
+    after a grow, the same batch commits.  (Durable: the map fills when a
+    checkpoint runs, at the start of a commit, before the batch is logged.)
+    """
+    s = make_store(tmp_path / "db", config, map_size=64 * 1024)
     try:
         small = s.map_size
         assert small >= 64 * 1024
@@ -197,7 +223,7 @@ def test_map_growth(tmp_path):
         assert s.stats()["keys"] == committed
         # The failed transaction left nothing behind.
         assert s.get(b"k%d" % seq) is None
-        assert s.recover().applied_seq == committed
+        assert s.digest()[2] == committed  # the applied seq, without writing
         s.grow()
         assert s.map_size == 2 * small
         assert s.stats()["map_size"] == 2 * small
@@ -214,6 +240,7 @@ def test_map_growth(tmp_path):
 
 
 def test_stats(store):
+    durable = store.sync_mode == "durable"
     st = store.stats()
     assert st["keys"] == 0 and st["sessions"] == 0 and st["sent_on_disk"] == 0
     assert st["commits"] == 0 and st["committed_entries"] == 0
@@ -232,7 +259,21 @@ def test_stats(store):
         "commit_ms_avg": st["commit_ms_avg"],
         "commit_ms_max": st["commit_ms_max"],
         "sessions_expired": 0,
+        "wal_bytes": st["wal_bytes"],
+        "wal_entries": st["wal_entries"],
+        "checkpoints": st["checkpoints"],
+        "checkpoint_ms_avg": st["checkpoint_ms_avg"],
+        "checkpoint_ms_max": st["checkpoint_ms_max"],
     }
+    assert (st["wal_bytes"] > 0) == durable
+    if durable:
+        store.checkpoint()
+        after = store.stats()
+        assert (after["keys"], after["sessions"], after["sent_on_disk"]) == (2, 1, 1)
+        assert (after["wal_bytes"], after["wal_entries"]) == (0, 0)
+        assert after["checkpoints"] == st["checkpoints"] + 1
+    else:
+        assert st["wal_entries"] == st["checkpoints"] == 0
     assert 0 < st["used_bytes"] <= st["map_size"]
     assert 0 < st["commit_ms_avg"] <= st["commit_ms_max"]
 
@@ -339,3 +380,208 @@ def test_digest_covers_data_only_with_its_last_seq(tmp_path):
     assert a.digest()[1] != h and a.digest()[2] == 3
     a.close()
     b.close()
+
+
+# -- the write-ahead log of the durable mode --------------------------------
+
+
+def crash(s: Store) -> None:
+    """Stop as a killed process would: no checkpoint, nothing flushed."""
+    assert s.wal is not None and s.env is not None
+    s.wal.close()
+    s.env.close()
+    s.wal, s.env = None, None
+
+
+def some_batches() -> list[Batch]:
+    return [
+        Batch([entry(1, key=b"a", value=b"1"), entry(2, key=b"b", value=b"2")],
+              epoch=3, chain_id=5),
+        Batch([entry(3, Op.DELETE, key=b"a", value=b""), entry(4, key=b"c", value=b"3", lane=1)]),
+        Batch([entry(5, Op.NOOP, key=b"b", value=b"", status=Status.CAS_FAILED, client_id=CID2)],
+              prune_sent_upto=2),
+        Batch(epoch=4),
+        Batch([entry(6, key=b"d", value=b"x" * 3000)], keep_sent=False),
+    ]
+
+
+def state_of(s: Store) -> tuple:
+    """Everything a replica reads back from its store."""
+    sessions = [s.session(session_key(c, lane)) for c in (CID, CID2) for lane in (0, 1)]
+    return s.recover(), s.items(), sessions, s.digest()
+
+
+@pytest.fixture
+def reference(tmp_path):
+    """The state some_batches() leave in a store that was closed cleanly."""
+    s = make_store(tmp_path / "reference", "replicated")
+    for b in some_batches():
+        s.commit(b)
+    s = reopen(s)
+    yield state_of(s)
+    s.close()
+
+
+@pytest.mark.parametrize("checkpoint_entries", [1, 3, 100])
+def test_a_crash_loses_nothing_that_was_logged(tmp_path, reference, checkpoint_entries):
+    """
+    Killed with batches in the log only, in LMDB only, or both: opening the
+    store again applies the log, and the store is what a clean close leaves.
+    """
+    s = make_store(tmp_path / "db", checkpoint_entries=checkpoint_entries)
+    for b in some_batches():
+        s.commit(b)
+    assert state_of(s)[1:] == reference[1:]  # reads see the log before any checkpoint
+    crash(s)
+    s = make_store(tmp_path / "db")
+    try:
+        assert state_of(s) == reference
+        assert s.stats()["wal_entries"] == 0 and s.wal is not None and s.wal.offset == 0
+        # ... and the store goes on from there, through another crash.
+        s.commit(Batch([entry(7, key=b"e", value=b"5")]))
+        crash(s)
+        s = make_store(tmp_path / "db")
+        assert s.get(b"e") == b"5" and s.recover().applied_seq == 7
+    finally:
+        s.close()
+
+
+def test_a_torn_last_record_loses_only_that_batch(tmp_path):
+    """A record not fully on disk was never reported durable: the batches before it stay."""
+    s = make_store(tmp_path / "db")
+    batches = some_batches()
+    for b in batches[:3]:
+        s.commit(b)
+    path = s.wal.path
+    end = s.wal.offset
+    crash(s)
+    os.truncate(path, end - 3)
+    s = make_store(tmp_path / "db")
+    try:
+        rec = s.recover()
+        assert rec.applied_seq == 4
+        assert s.get(b"c") == b"3" and s.get(b"a") is None
+        assert s.session(session_key(CID2, 0)) is None  # the third batch's
+    finally:
+        s.close()
+
+
+def test_a_clean_close_leaves_nothing_to_replay(tmp_path, reference):
+    s = make_store(tmp_path / "db")
+    for b in some_batches():
+        s.commit(b)
+    s = reopen(s)
+    try:
+        assert s.checkpoints == 0  # nothing was replayed
+        assert state_of(s) == reference
+    finally:
+        s.close()
+
+
+def test_a_checkpoint_moves_the_log_into_lmdb(tmp_path):
+    s = make_store(tmp_path / "db", checkpoint_entries=4)
+    try:
+        for seq in range(1, 4):
+            s.commit(Batch([entry(seq, key=b"k%d" % seq)]))
+        assert (s.checkpoints, s.stats()["wal_entries"]) == (0, 3)
+        with s.env.begin() as txn:  # LMDB alone has none of it yet
+            assert txn.get(b"k1", db=s._data) is None
+        s.commit(Batch([entry(4, key=b"k4"), entry(5, key=b"k5")]))
+        s.commit(Batch([entry(6, key=b"k6")]))  # finds 5 waiting: checkpoints them first
+        assert (s.checkpoints, s.stats()["wal_entries"]) == (1, 1)
+        with s.env.begin() as txn:
+            assert [txn.get(b"k%d" % i, db=s._data) for i in range(1, 7)] == [b"v"] * 5 + [None]
+            assert s._meta_u64(txn, b"wal_lsn") == 4  # the four records checkpointed
+        assert [s.get(b"k%d" % i) for i in range(1, 7)] == [b"v"] * 6
+    finally:
+        s.close()
+
+
+def test_a_checkpoint_by_bytes(tmp_path):
+    s = make_store(tmp_path / "db", checkpoint_bytes=10_000)
+    try:
+        for seq in range(1, 8):
+            s.commit(Batch([entry(seq, key=b"k%d" % seq, value=b"x" * 4000)]))
+        # Three records pass 10,000 bytes: the 4th and the 7th commit checkpoint first.
+        assert s.checkpoints == 2
+        assert s.stats()["keys"] == 7
+    finally:
+        s.close()
+
+
+def test_a_wipe_forgets_what_was_logged(tmp_path):
+    """A joining node wipes its store: nothing logged before may come back after a crash."""
+    s = make_store(tmp_path / "db")
+    s.commit(Batch([entry(1, key=b"old")], epoch=2, chain_id=1))
+    s.wipe()
+    assert s.get(b"old") is None and s.items() == []
+    crash(s)
+    s = make_store(tmp_path / "db")
+    assert s.recover() == Recovered(0, 0, wire.NO_CHAIN, [])
+    s.put_snapshot_items([(wire.SNAPSHOT_DB_DATA, b"new", b"1")])
+    s.finish_snapshot(10, 3, 1)
+    s.commit(Batch([entry(11, key=b"newer")]))
+    crash(s)
+    s = make_store(tmp_path / "db")
+    try:
+        assert s.items() == [(b"new", b"1"), (b"newer", b"v")]
+        assert s.recover().applied_seq == 11
+    finally:
+        s.close()
+
+
+def test_snapshot_and_digest_include_the_log(tmp_path):
+    """A state transfer from a durable tail sends what its log holds too, at its seq."""
+    a = make_store(tmp_path / "a", checkpoint_entries=2)
+    b = make_store(tmp_path / "b", "replicated")
+    try:
+        for batch in some_batches():
+            a.commit(batch)
+            b.commit(batch)
+        assert a.stats()["wal_entries"] > 0 and a.checkpoints > 0  # some of each
+        for s in (a, b):
+            seq, chunks = s.snapshot(64)
+            assert seq == 6
+        seqs_items = [(s.snapshot(64)[0], sorted(i for c in s.snapshot(64)[1] for i in c))
+                      for s in (a, b)]
+        assert seqs_items[0] == seqs_items[1]
+        assert a.digest() == b.digest()
+        assert a.stats()["keys"] == b.stats()["keys"] == 3
+        assert a.stats()["sessions"] == b.stats()["sessions"]
+        assert a.stats()["sent_on_disk"] == b.stats()["sent_on_disk"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_readers_never_see_a_checkpoint_half_done(tmp_path):
+    """
+    Another thread reading while commits checkpoint every batch: a key once
+    committed is always there, and a digest's key count always matches the
+    seq it reports (one new key per batch).
+    """
+    import threading
+
+    s = make_store(tmp_path / "db", checkpoint_entries=1)
+    s.commit(Batch([entry(1, key=b"k1")]))
+    done = threading.Event()
+    problems: list[str] = []
+
+    def read() -> None:
+        while not done.is_set():
+            if s.get(b"k1") != b"v":
+                problems.append("k1 missing")
+            n, _, seq = s.digest()
+            if n != seq:
+                problems.append(f"{n} keys at seq {seq}")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for seq in range(2, 300):
+            s.commit(Batch([entry(seq, key=b"k%d" % seq)]))
+    finally:
+        done.set()
+        reader.join()
+        s.close()
+    assert problems == []
