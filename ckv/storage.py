@@ -389,6 +389,7 @@ class Store:
             # Nothing logged so far may be applied to what comes next.
             txn.put(_WAL_LSN, _U64.pack(self._lsn), db=self._meta)
         self._forget_logged()
+        self._applied = 0
 
     def put_snapshot_items(self, items: Iterable[tuple[int, bytes, bytes]]) -> None:
         dbs = {wire.SNAPSHOT_DB_DATA: self._data, wire.SNAPSHOT_DB_SESSIONS: self._sessions}
@@ -404,6 +405,7 @@ class Store:
             txn.put(_APPLIED, _U64.pack(seq), db=self._meta)
             txn.put(_EPOCH, _U64.pack(epoch), db=self._meta)
             txn.put(_CHAIN, _U64.pack(chain_id), db=self._meta)
+        self._applied = seq
         if self.sync_mode != "durable":
             self._env().sync(True)
 
@@ -575,6 +577,9 @@ class Store:
         @return: how many were deleted, and the key to start the next call
             from (None once the whole table was looked at).
         """
+        if not start:
+            # A pass starts: sessions still in the log are looked at too.
+            self._checkpoint()
         now = int(self.clock())
         cutoff = now - ttl
         deleted = 0

@@ -289,11 +289,10 @@ class FakeWallClock:
         return self.now
 
 
-@pytest.fixture
-def timed_store(tmp_path):
+@pytest.fixture(params=list(CONFIGS))
+def timed_store(tmp_path, request):
     clock = FakeWallClock()
-    s = Store(str(tmp_path / "db"), "replicated", clock=clock)
-    s.open()
+    s = make_store(tmp_path / "db", request.param, clock=clock)
     yield s, clock
     s.close()
 
@@ -520,6 +519,8 @@ def test_a_wipe_forgets_what_was_logged(tmp_path):
     assert s.recover() == Recovered(0, 0, wire.NO_CHAIN, [])
     s.put_snapshot_items([(wire.SNAPSHOT_DB_DATA, b"new", b"1")])
     s.finish_snapshot(10, 3, 1)
+    s.commit(Batch(epoch=4))  # logged, with no entry: the applied seq is the snapshot's
+    assert s.digest()[2] == 10 and s.snapshot(100)[0] == 10
     s.commit(Batch([entry(11, key=b"newer")]))
     crash(s)
     s = make_store(tmp_path / "db")
