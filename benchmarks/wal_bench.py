@@ -89,7 +89,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     args = p.parse_args()
     print(f"# {args.writers} writers at once, {args.puts} puts of 100 bytes per batch")
-    for name, target in (("lmdb commit (fsync)", lmdb_writer), ("log append + fdatasync", wal_writer)):
+    kinds = (("lmdb commit (fsync)", lmdb_writer), ("log append + fdatasync", wal_writer))
+    for name, target in kinds:
         ms, cpu = run(target, args.writers, args.puts, args.seconds)
         print(f"{name:24s} {ms:6.2f} ms per commit, {cpu:5.0f} us CPU per commit", flush=True)
 

@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import lmdb
 from twisted.logger import Logger
@@ -76,7 +77,7 @@ CHECKPOINT_ENTRIES = 16384
 #: The same bound in bytes of log (large values).
 CHECKPOINT_BYTES = 16 << 20
 
-_WAL_FILE = "wal.log"
+_WAL_FILES = ("wal.0", "wal.1")
 #: Log record payload: flags, prune_sent_upto, epoch, chain_id, session time, entry count.
 _RECORD = struct.Struct(">BQQQII")
 _U32 = struct.Struct(">I")
@@ -109,6 +110,24 @@ class Batch:
     @property
     def last_seq(self) -> int | None:
         return self.entries[-1].seq if self.entries else None
+
+
+@dataclass(eq=False)
+class _Logged:
+    """
+    Batches in one log file and not in LMDB yet (C{durable} mode), and what
+    they do to the data and the sessions, for reads.
+    """
+
+    wal: WriteAheadLog
+    #: (batch, the session time it was logged with), in order.
+    batches: list[tuple[Batch, int]] = field(default_factory=list)
+    #: key -> value, or None: deleted.
+    data: dict[bytes, bytes | None] = field(default_factory=dict)
+    sessions: dict[bytes, bytes] = field(default_factory=dict)
+    entries: int = 0
+    bytes: int = 0
+    last_lsn: int = 0
 
 
 @dataclass
@@ -162,22 +181,23 @@ class Store:
         self.commit_max_seconds = 0.0
         self.clock = clock
         self.sessions_expired = 0
-        self.wal: WriteAheadLog | None = None
         self.checkpoint_entries = checkpoint_entries
         self.checkpoint_bytes = checkpoint_bytes
-        #: Logged batches not in LMDB yet (durable mode): (batch, session time).
-        self._pending: list[tuple[Batch, int]] = []
-        self._pending_entries = 0
-        self._pending_bytes = 0
-        #: What the pending batches did to the data and sessions, for reads.
-        self._overlay: dict[bytes, bytes | None] = {}
-        self._overlay_sessions: dict[bytes, bytes] = {}
+        #: The two log files (durable mode), in turns: one takes new
+        #: batches while a checkpoint writes the other's to LMDB.
+        self._wals: list[WriteAheadLog] = []
+        #: Logged batches not in LMDB: those being logged now, and those a
+        #: checkpoint is writing (or failed to write).
+        self._active: _Logged | None = None
+        self._frozen: _Logged | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_error: BaseException | None = None
         #: Last LSN logged, and last applied seq (logged or in LMDB).
         self._lsn = 0
         self._applied = 0
-        #: Held while the overlay and LMDB change together (a checkpoint) or
-        #: the overlay takes a batch, and by whoever reads a consistent view
-        #: of both (snapshot, digest, stats).
+        #: Held while the logged batches change hands or take a batch, and
+        #: by whoever reads a consistent view of them and LMDB (snapshot,
+        #: digest, stats).
         self._view_lock = threading.Lock()
         self.checkpoints = 0
         self.checkpoint_seconds = 0.0
@@ -206,34 +226,47 @@ class Store:
             self._applied = self._meta_u64(txn, _APPLIED)
             self._lsn = self._meta_u64(txn, _WAL_LSN)
         if self.sync_mode == "durable":
-            self.wal = WriteAheadLog(os.path.join(self.path, _WAL_FILE))
-            self.wal.open()
+            self._wals = [WriteAheadLog(os.path.join(self.path, name)) for name in _WAL_FILES]
+            for w in self._wals:
+                w.open()
             self._replay()
 
     def _replay(self) -> None:
-        """Apply the batches logged after the last checkpoint (a crash)."""
-        assert self.wal is not None
-        for lsn, payload in self.wal.records(self._lsn):
-            batch, now = _decode_record(payload)
-            self._lsn = lsn
-            self._remember(batch, now, len(payload))
-        if self._pending:
-            n = len(self._pending)
+        """
+        Apply the batches logged after the last checkpoint (after a crash).
+        They continue from one file into the other at most once: the one a
+        checkpoint was writing when the process stopped, then the newer.
+        """
+        self._active = _Logged(self._wals[0])
+        progress = True
+        while progress:
+            progress = False
+            for w in self._wals:
+                for lsn, payload in w.records(self._lsn):
+                    batch, now = _decode_record(payload)
+                    self._lsn = lsn
+                    self._remember(batch, now, len(payload))
+                    progress = True
+        n = len(self._active.batches)
+        if n:
             self._checkpoint(grow_if_full=True)
             self.log.info(
                 "replayed {n} logged batches into the store, up to seq {seq}",
                 n=n,
                 seq=self._applied,
             )
-        self.wal.rewind()
+        self._active = _Logged(self._wals[0])
+        self._wals[0].rewind()
 
     def close(self) -> None:
         if self.env is not None:
-            if self.wal is not None:
+            if self._wals:
                 # A clean stop leaves nothing to replay.
                 self._checkpoint(grow_if_full=True)
-                self.wal.close()
-                self.wal = None
+                for w in self._wals:
+                    w.close()
+                self._wals = []
+                self._active = None
             else:
                 self.env.sync(True)
             self.env.close()
@@ -247,17 +280,28 @@ class Store:
     # -- reads -------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:
-        # The overlay first: a checkpoint empties it only once LMDB holds
-        # the same, so a key is never missing in between.
-        overlay = self._overlay
-        if key in overlay:
-            return overlay[key]
+        # The batches being logged, then those being checkpointed, then
+        # LMDB, in this order: a checkpoint hands the first to the second
+        # before it begins, and drops the second only once LMDB holds it.
+        active = self._active
+        if active is not None:
+            if key in active.data:
+                return active.data[key]
+            frozen = self._frozen
+            if frozen is not None and key in frozen.data:
+                return frozen.data[key]
         with self._env().begin(db=self._data, buffers=False) as txn:
             return txn.get(key)
 
     def session(self, skey: bytes) -> tuple[int, int] | None:
         """The last (request id, status) recorded for a session, if any."""
-        raw = self._overlay_sessions.get(skey)
+        raw = None
+        active = self._active
+        if active is not None:
+            raw = active.sessions.get(skey)
+            frozen = self._frozen
+            if raw is None and frozen is not None:
+                raw = frozen.sessions.get(skey)
         if raw is None:
             with self._env().begin(db=self._sessions) as txn:
                 raw = txn.get(skey)
@@ -302,9 +346,16 @@ class Store:
         """
         with self._view_lock:
             txn = self._env().begin(buffers=False)
-            pending = list(self._pending)
+            layers = [x for x in (self._frozen, self._active) if x is not None]
+            data: dict[bytes, bytes | None] = {}
+            sessions: dict[bytes, bytes] = {}
+            pending: list[tuple[Batch, int]] = []
+            for layer in layers:  # the newer on top
+                data.update(layer.data)
+                sessions.update(layer.sessions)
+                pending.extend(layer.batches)
             applied = self._applied if pending else self._meta_u64(txn, _APPLIED)
-            return txn, applied, dict(self._overlay), dict(self._overlay_sessions), pending
+            return txn, applied, data, sessions, pending
 
     def stats(self) -> dict[str, int]:
         env = self._env()
@@ -315,15 +366,9 @@ class Store:
                 keys += (v is not None) - (txn.get(k, db=self._data) is not None)
             sessions = txn.stat(self._sessions)["entries"]
             sessions += sum(txn.get(k, db=self._sessions) is None for k in sessions_overlay)
-            # What the sent list holds once the logged batches are applied:
-            # acknowledgements prune a prefix, and entries are added above it.
-            pruned = max((b.prune_sent_upto for b, _ in pending), default=0)
-            sent = sum(
-                1
-                for k in txn.cursor(db=self._sent).iternext(values=False)
-                if _U64.unpack(k)[0] > pruned
-            )
-            sent += sum(e.seq > pruned for b, _ in pending if b.keep_sent for e in b.entries)
+            # What the sent list holds once the logged batches are applied
+            # (LMDB may hold some of them already: a checkpoint that ended).
+            sent = len(_sent_after(pending, _sent_seqs(txn, self._sent)))
         finally:
             txn.abort()
         info = env.info()
@@ -338,8 +383,8 @@ class Store:
             "commit_ms_avg": round(1000 * self.commit_seconds / max(1, self.commits), 3),
             "commit_ms_max": round(1000 * self.commit_max_seconds, 3),
             "sessions_expired": self.sessions_expired,
-            "wal_bytes": self.wal.offset if self.wal is not None else 0,
-            "wal_entries": self._pending_entries,
+            "wal_bytes": sum(x.bytes for x in (self._active, self._frozen) if x is not None),
+            "wal_entries": sum(x.entries for x in (self._active, self._frozen) if x is not None),
             "checkpoints": self.checkpoints,
             "checkpoint_ms_avg": round(
                 1000 * self.checkpoint_seconds / max(1, self.checkpoints), 3
@@ -383,13 +428,19 @@ class Store:
 
     def wipe(self) -> None:
         """Forget everything (a joining node, before its state transfer)."""
+        self._join_checkpointer()
+        self._checkpoint_error = None
         with self._env().begin(write=True) as txn:
             for db in (self._data, self._sessions, self._sent, self._meta):
                 txn.drop(db, delete=False)
             # Nothing logged so far may be applied to what comes next.
             txn.put(_WAL_LSN, _U64.pack(self._lsn), db=self._meta)
-        self._forget_logged()
-        self._applied = 0
+        with self._view_lock:
+            self._frozen = None
+            if self._active is not None:
+                self._active = _Logged(self._active.wal)
+                self._active.wal.rewind()
+            self._applied = 0
 
     def put_snapshot_items(self, items: Iterable[tuple[int, bytes, bytes]]) -> None:
         dbs = {wire.SNAPSHOT_DB_DATA: self._data, wire.SNAPSHOT_DB_SESSIONS: self._sessions}
@@ -449,17 +500,15 @@ class Store:
         env = self._env()
         now = int(self.clock()) & 0xFFFFFFFF
         started = time.perf_counter()
-        if self.wal is None:
+        active = self._active
+        if active is None:
             with env.begin(write=True) as txn:
                 self._apply(txn, batch, now)
         else:
-            if (
-                self._pending_entries >= self.checkpoint_entries
-                or self._pending_bytes >= self.checkpoint_bytes
-            ):
-                self._checkpoint()
+            self._background_checkpoint()
+            active = self._active
             payload = _encode_record(batch, now)
-            self.wal.append(self._lsn + 1, payload)
+            active.wal.append(self._lsn + 1, payload)
             self._lsn += 1
             self._remember(batch, now, len(payload))
         elapsed = time.perf_counter() - started
@@ -469,23 +518,80 @@ class Store:
         self.commit_max_seconds = max(self.commit_max_seconds, elapsed)
 
     def _remember(self, batch: Batch, now: int, size: int) -> None:
-        """A logged batch: into the overlay (for reads) and the pending list."""
-        overlay, sessions = self._overlay, self._overlay_sessions
+        """A logged batch: into the active layer (for reads and the next checkpoint)."""
+        active = self._active
+        assert active is not None
+        data, sessions = active.data, active.sessions
         with self._view_lock:
             for e in batch.entries:
                 if e.op == wire.Op.PUT:
-                    overlay[e.key] = e.value
+                    data[e.key] = e.value
                 elif e.op == wire.Op.DELETE:
-                    overlay[e.key] = _ABSENT
+                    data[e.key] = _ABSENT
                 if e.client_id != wire.NO_CLIENT:
                     sessions[session_key(e.client_id, e.lane)] = _SESSION.pack(
                         e.request_id, e.status, now
                     )
             if batch.entries:
                 self._applied = batch.entries[-1].seq
-            self._pending.append((batch, now))
-        self._pending_entries += len(batch.entries)
-        self._pending_bytes += size
+            active.batches.append((batch, now))
+            active.last_lsn = self._lsn
+        active.entries += len(batch.entries)
+        active.bytes += size
+
+    def _background_checkpoint(self) -> None:
+        """
+        Before a commit: start a checkpoint on its own thread if one is due
+        and none is running, so commits go on meanwhile.  Raises what the
+        last one failed with (once), so the caller can grow the map.
+        """
+        running = self._checkpointer
+        if running is not None:
+            if running.is_alive():
+                active = self._active
+                assert active is not None
+                if (
+                    active.entries < 4 * self.checkpoint_entries
+                    and active.bytes < 4 * self.checkpoint_bytes
+                ):
+                    return
+                running.join()  # far behind: wait rather than grow without bound
+            self._checkpointer = None
+        if self._checkpoint_error is not None:
+            error, self._checkpoint_error = self._checkpoint_error, None
+            raise error  # what it was writing stays frozen, and is retried next time
+        if self._frozen is None:
+            active = self._active
+            assert active is not None
+            if active.entries < self.checkpoint_entries and active.bytes < self.checkpoint_bytes:
+                return
+            self._freeze()
+        frozen = self._frozen
+        assert frozen is not None
+
+        def write() -> None:
+            try:
+                self._write_checkpoint(frozen)
+            except BaseException as e:
+                self._checkpoint_error = e
+
+        self._checkpointer = threading.Thread(target=write, name=f"ckv-checkpoint {self.path}")
+        self._checkpointer.start()
+
+    def _freeze(self) -> None:
+        """Hand the active layer to a checkpoint; log to the other file from now on."""
+        active = self._active
+        assert active is not None and self._frozen is None
+        other = self._wals[1] if active.wal is self._wals[0] else self._wals[0]
+        other.rewind()
+        with self._view_lock:
+            self._frozen = active
+            self._active = _Logged(other)
+
+    def _join_checkpointer(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+            self._checkpointer = None
 
     def checkpoint(self) -> None:
         """Put every logged batch into LMDB now (where commits run)."""
@@ -493,46 +599,77 @@ class Store:
 
     def _checkpoint(self, grow_if_full: bool = False) -> None:
         """
-        One fsynced LMDB write transaction for every logged batch, recording
-        the last LSN it holds; then the log starts again from its beginning.
+        Put every logged batch into LMDB before returning (waiting for a
+        checkpoint in progress).  A no-op in C{replicated} mode.
 
         @raise lmdb.MapFullError: unless C{grow_if_full} (only with no other
-            transaction open: at open and close); nothing changed.
+            transaction open: at open and close); what was not written
+            stays logged and readable.
         """
-        if not self._pending:
+        if self._active is None:
             return
-        assert self.wal is not None
-        env = self._env()
-        started = time.perf_counter()
+        self._join_checkpointer()
+        self._checkpoint_error = None
+        if self._frozen is None:
+            if not self._active.batches:
+                return
+            self._freeze()
+        assert self._frozen is not None
         while True:
             try:
-                with env.begin(write=True) as txn:
-                    for batch, now in self._pending:
-                        self._apply(txn, batch, now)
-                    txn.put(_WAL_LSN, _U64.pack(self._lsn), db=self._meta)
+                self._write_checkpoint(self._frozen)
                 break
             except lmdb.MapFullError:
                 if not grow_if_full:
                     raise
                 self.grow()
-        # Only now: until LMDB held the batches, reads needed the overlay.
-        self._forget_logged()
+        if self._active.batches:
+            self._checkpoint(grow_if_full)
+
+    def _write_checkpoint(self, logged: _Logged) -> None:
+        """
+        One fsynced LMDB transaction with what C{logged} did, and its last
+        LSN; then reads no longer need it.  Runs on the checkpoint thread, or
+        where commits run with none in progress.
+        """
+        started = time.perf_counter()
+        with self._env().begin(write=True) as txn:
+            # The end state, not every batch: a key written a hundred times
+            # is put once.
+            for k, v in logged.data.items():
+                if v is None:
+                    txn.delete(k, db=self._data)
+                else:
+                    txn.put(k, v, db=self._data)
+            for k, v in logged.sessions.items():
+                txn.put(k, v, db=self._sessions)
+            sent = _sent_after(logged.batches, _sent_seqs(txn, self._sent))
+            # Prune what the batches pruned, add what they kept.
+            pruned = max((b.prune_sent_upto for b, _ in logged.batches), default=0)
+            if pruned:
+                self._prune(txn, pruned)
+            for batch, _ in logged.batches:
+                if batch.keep_sent:
+                    for e in batch.entries:
+                        if e.seq in sent:
+                            txn.put(_U64.pack(e.seq), e.encode(), db=self._sent)
+            meta = {_WAL_LSN: logged.last_lsn}
+            for batch, _ in logged.batches:
+                if batch.entries:
+                    meta[_APPLIED] = batch.entries[-1].seq
+                if batch.epoch is not None:
+                    meta[_EPOCH] = batch.epoch
+                if batch.chain_id is not None:
+                    meta[_CHAIN] = batch.chain_id
+            for k, n in meta.items():
+                txn.put(k, _U64.pack(n), db=self._meta)
+        with self._view_lock:
+            if self._frozen is logged:
+                self._frozen = None
         elapsed = time.perf_counter() - started
         self.checkpoints += 1
         self.checkpoint_seconds += elapsed
         self.checkpoint_max_seconds = max(self.checkpoint_max_seconds, elapsed)
-
-    def _forget_logged(self) -> None:
-        """The logged batches are in LMDB (or wiped): drop them, rewind the log."""
-        with self._view_lock:
-            # New dicts, not cleared ones: a reader holding the old one
-            # still finds what it looked for.
-            self._pending = []
-            self._overlay = {}
-            self._overlay_sessions = {}
-        self._pending_entries = self._pending_bytes = 0
-        if self.wal is not None:
-            self.wal.rewind()
 
     def _apply(self, txn: lmdb.Transaction, batch: Batch, now: int) -> None:
         """What a batch does to LMDB, in C{txn}."""
@@ -687,3 +824,23 @@ def _decode_record(payload: bytes) -> tuple[Batch, int]:
         chain_id=chain_id if flags & _HAS_CHAIN else None,
     )
     return batch, now
+
+
+def _sent_seqs(txn: lmdb.Transaction, db: Any) -> list[int]:
+    """The seqs LMDB's sent list holds."""
+    return [_U64.unpack(k)[0] for k in txn.cursor(db=db).iternext(values=False)]
+
+
+def _sent_after(batches: Iterable[tuple[Batch, int]], seqs: Iterable[int]) -> set[int]:
+    """
+    The seqs a sent list holding C{seqs} holds once the batches are applied
+    in order (each adds its entries if it keeps them, then prunes).  The
+    list is the unacknowledged window, so the sets stay small.
+    """
+    held = set(seqs)
+    for batch, _ in batches:
+        if batch.keep_sent:
+            held.update(e.seq for e in batch.entries)
+        if batch.prune_sent_upto:
+            held = {seq for seq in held if seq > batch.prune_sent_upto}
+    return held
