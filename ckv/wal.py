@@ -5,11 +5,11 @@ checkpoint has put everything it holds into LMDB.
 
 Why: a durable LMDB commit writes every B-tree page the batch touched, at
 random places in the file, and syncs twice (pages, then the meta page).  On
-this project's build machine that costs 1.2-1.8 ms and 0.3-0.6 ms of kernel
-CPU per commit; appending the same batch to this log and syncing it costs
-0.2-0.4 ms and 0.08 ms (C{benchmarks/wal_bench.py}).  LMDB still holds the
-store: the log only carries the batches since the last checkpoint
-(L{ckv.storage.Store}).
+this project's build machine, with three replicas writing at once, that
+costs about 1 ms and 300 us of CPU per commit; appending the same batch to
+this log and syncing it, 0.3 ms and 80 us (C{benchmarks/wal_bench.py}).
+LMDB still holds the store: the log only carries the batches since the
+last checkpoint (L{ckv.storage.Store}).
 
 Record layout (big-endian)::
 
