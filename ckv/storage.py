@@ -757,7 +757,11 @@ class Store:
                 break
 
     def grow(self) -> None:
-        """Double the map size.  No transaction may be open in this process."""
+        """
+        Double the map size.  No transaction may be open in this process:
+        the caller sees to its readers; a checkpoint in progress is waited for.
+        """
+        self._join_checkpointer()
         env = self._env()
         new = env.info()["map_size"] * 2
         env.set_mapsize(new)
