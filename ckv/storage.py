@@ -54,7 +54,7 @@ from twisted.logger import Logger
 
 from ckv import wire
 from ckv.entry import Entry
-from ckv.wal import WriteAheadLog
+from ckv.wal import LogFailed, WriteAheadLog
 
 SYNC_MODES = ("durable", "replicated")
 
@@ -181,8 +181,8 @@ class Store:
         self.commit_max_seconds = 0.0
         self.clock = clock
         self.sessions_expired = 0
-        self.checkpoint_entries = checkpoint_entries
-        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoint_entries = max(1, checkpoint_entries)
+        self.checkpoint_bytes = max(1, checkpoint_bytes)
         #: The two log files (durable mode), in turns: one takes new
         #: batches while a checkpoint writes the other's to LMDB.
         self._wals: list[WriteAheadLog] = []
@@ -191,6 +191,7 @@ class Store:
         self._active: _Logged | None = None
         self._frozen: _Logged | None = None
         self._checkpointer: threading.Thread | None = None
+        self._log_failed: LogFailed | None = None
         self._checkpoint_error: BaseException | None = None
         #: Last LSN logged, and last applied seq (logged or in LMDB).
         self._lsn = 0
@@ -225,11 +226,22 @@ class Store:
         with self.env.begin() as txn:
             self._applied = self._meta_u64(txn, _APPLIED)
             self._lsn = self._meta_u64(txn, _WAL_LSN)
-        if self.sync_mode == "durable":
-            self._wals = [WriteAheadLog(os.path.join(self.path, name)) for name in _WAL_FILES]
+        paths = [os.path.join(self.path, name) for name in _WAL_FILES]
+        if self.sync_mode == "durable" or any(os.path.exists(p) for p in paths):
+            self._wals = [WriteAheadLog(p) for p in paths]
             for w in self._wals:
                 w.open()
             self._replay()
+            if self.sync_mode != "durable":
+                # Last run was durable: its log is in LMDB now.  Make that
+                # durable before the log goes (this mode's commits do not
+                # sync), so a later durable run starts from a clean log.
+                self.env.sync(True)
+                for w in self._wals:
+                    w.close()
+                    os.remove(w.path)
+                self._wals = []
+                self._active = None
 
     def _replay(self) -> None:
         """
@@ -259,16 +271,22 @@ class Store:
         self._wals[0].rewind()
 
     def close(self) -> None:
-        if self.env is not None:
+        if self.env is None:
+            return
+        try:
             if self._wals:
-                # A clean stop leaves nothing to replay.
+                # A clean stop leaves nothing to replay (if the checkpoint
+                # fails, the log still holds everything: the next open
+                # replays it).
                 self._checkpoint(grow_if_full=True)
-                for w in self._wals:
-                    w.close()
-                self._wals = []
-                self._active = None
             else:
                 self.env.sync(True)
+        finally:
+            self._join_checkpointer()
+            for w in self._wals:
+                w.close()
+            self._wals = []
+            self._active = None
             self.env.close()
             self.env = None
 
@@ -433,7 +451,9 @@ class Store:
         with self._env().begin(write=True) as txn:
             for db in (self._data, self._sessions, self._sent, self._meta):
                 txn.drop(db, delete=False)
-            # Nothing logged so far may be applied to what comes next.
+            # Nothing logged so far may be applied to what comes next, nor
+            # a record of the next LSN that a failed append may have left.
+            self._lsn += 1
             txn.put(_WAL_LSN, _U64.pack(self._lsn), db=self._meta)
         with self._view_lock:
             self._frozen = None
@@ -505,12 +525,20 @@ class Store:
             with env.begin(write=True) as txn:
                 self._apply(txn, batch, now)
         else:
+            if self._log_failed is not None:
+                raise self._log_failed
             self._background_checkpoint()
             active = self._active
             payload = _encode_record(batch, now)
-            active.wal.append(self._lsn + 1, payload)
+            try:
+                size = active.wal.append(self._lsn + 1, payload)
+            except LogFailed as e:
+                # Never log again (in either file): that record may be on
+                # the disk, and another with its LSN would shadow it.
+                self._log_failed = e
+                raise
             self._lsn += 1
-            self._remember(batch, now, len(payload))
+            self._remember(batch, now, size)
         elapsed = time.perf_counter() - started
         self.commits += 1
         self.committed_entries += len(batch.entries)
@@ -805,6 +833,10 @@ def _encode_record(batch: Batch, now: int) -> bytes:
         )
     ]
     for e in batch.entries:
+        if e.op != wire.Op.NOOP and not 0 < len(e.key) <= wire.MAX_KEY:
+            # The head refuses such keys; logged, one would make every
+            # checkpoint and every replay of the log fail.
+            raise ValueError(f"key of {len(e.key)} bytes: LMDB cannot store it")
         raw = e.encode()
         parts.append(_U32.pack(len(raw)))
         parts.append(raw)

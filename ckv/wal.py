@@ -42,6 +42,15 @@ MAX_RECORD = 1 << 30
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
+class LogFailed(OSError):
+    """
+    A write or sync of the log failed: what the disk holds is unknown, so
+    nothing more may be logged (a record that did reach the disk could be
+    shadowed by another with the same LSN).  The process should stop and
+    recover from the log when it starts again.
+    """
+
+
 class WriteAheadLog:
     """
     One log file.  Not thread-safe: one thread appends (the one that
@@ -54,9 +63,19 @@ class WriteAheadLog:
         #: Where the next record goes.
         self.offset = 0
         self.appends = 0
+        #: Set once an append failed: every later append raises it.
+        self.failed: LogFailed | None = None
 
     def open(self) -> None:
+        created = not os.path.exists(self.path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if created:
+            # The file's name must survive a power loss too.
+            dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -94,14 +113,24 @@ class WriteAheadLog:
             yield lsn, payload
 
     def append(self, lsn: int, payload: bytes) -> int:
-        """Write one record and make it durable.  Returns its size in bytes."""
+        """
+        Write one record and make it durable.  Returns its size in bytes.
+
+        @raise LogFailed: this append failed, or an earlier one did.
+        """
         fd = self._fileno()
+        if self.failed is not None:
+            raise self.failed
         crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(lsn, len(payload))))
         record = _HEADER.pack(MAGIC, crc, lsn, len(payload)) + payload
-        written = os.pwrite(fd, record, self.offset)
-        if written != len(record):  # pragma: no cover - a full disk writes short
-            raise OSError(f"short write to {self.path}: {written} of {len(record)} bytes")
-        _datasync(fd)
+        try:
+            written = os.pwrite(fd, record, self.offset)
+            if written != len(record):
+                raise OSError(f"short write: {written} of {len(record)} bytes")
+            _datasync(fd)
+        except OSError as e:
+            self.failed = LogFailed(f"write-ahead log {self.path} failed at LSN {lsn}: {e}")
+            raise self.failed from e
         self.offset += len(record)
         self.appends += 1
         return len(record)

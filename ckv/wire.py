@@ -51,8 +51,11 @@ PROTOCOL_VERSION = 1
 
 #: Largest frame body accepted on any port, in bytes.
 MAX_FRAME = 4 * 1024 * 1024
-#: Largest key, in bytes.
-MAX_KEY = 4096
+#: Largest key, in bytes: the largest key LMDB stores (with its default
+#: build).  The empty key is refused too (LMDB cannot store it).  Both are
+#: checked before an update is decided: a key the store cannot hold would
+#: otherwise be accepted by the chain and then fail every replica's commit.
+MAX_KEY = 511
 #: Largest value, in bytes.
 MAX_VALUE = 1024 * 1024
 #: A batch of chain updates is closed once its keys and values pass this size.
@@ -530,6 +533,8 @@ def check_request(req: Container) -> tuple[Status, str] | None:
     """
     if len(req.key) > MAX_KEY:
         return Status.TOO_LARGE, f"key of {len(req.key)} bytes exceeds the limit of {MAX_KEY}"
+    if not req.key:
+        return Status.BAD_REQUEST, "the empty key is not allowed"
     if len(req.value) > MAX_VALUE:
         return Status.TOO_LARGE, f"value of {len(req.value)} bytes exceeds the limit of {MAX_VALUE}"
     if len(req.expected) > MAX_VALUE:

@@ -591,6 +591,16 @@ class ClientTests(FakeNetTestCase):
         e = self.failureResultOf(d2, TooLarge).value
         self.assertEqual(e.message, "too big")
 
+    def test_the_empty_key_is_refused_client_side(self) -> None:
+        """LMDB cannot store the empty key: every operation refuses it before sending."""
+        c = self.connect()
+        for d in (c.get(b""), c.put(b"", b"v"), c.delete(b""), c.cas(b"", None, b"v")):
+            e = self.failureResultOf(d, RequestError).value
+            self.assertEqual(e.status, Status.BAD_REQUEST)
+            self.assertIn("empty key", e.message)
+        self.net.flush()
+        self.assertEqual(self.cluster.requests, [])
+
     def test_too_large_client_side(self) -> None:
         """Oversized keys and values fail with TooLarge, and nothing is sent."""
         c = self.connect()

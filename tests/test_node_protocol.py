@@ -752,3 +752,29 @@ def test_no_digest_starts_once_the_node_is_stopping(tmp_path):
     threads.run_all()
     assert first.result[0] == 0
     assert stopped.called and node.store.env is None
+
+
+def test_a_failed_log_write_stops_the_node(tmp_path, request, monkeypatch):
+    """
+    A failed write or sync of the write-ahead log leaves the disk in an
+    unknown state: the node stops (logged as critical) rather than go on, so
+    the master takes it out and a restart recovers from its log.
+    """
+    import ckv.wal
+
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    stopped: list[bool] = []
+    monkeypatch.setattr(reactor, "stop", lambda: stopped.append(True))
+    node = make_node(tmp_path, request, "n1", reactor=reactor)
+    node.on_config(config("n1"))
+    proto, tr = connect(node)
+    hello(proto, tr)
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ckv.wal, "_datasync", broken)
+    proto.dataReceived(request_frame(CID_A, 1, b"k", b"v"))
+    assert stopped == [True]
+    assert node.store.get(b"k") is None

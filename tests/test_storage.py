@@ -670,3 +670,98 @@ def test_a_full_map_in_a_background_checkpoint(tmp_path):
         assert all(s.get(b"k%d" % i) == b"x" * 2000 for i in range(1, failed + 1))
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("key", [b"", b"k" * (wire.MAX_KEY + 1)])
+def test_a_key_lmdb_cannot_store_is_never_logged(tmp_path, key):
+    """
+    The head refuses such keys; if one got this far, logging it would make
+    every checkpoint, and every later open, fail.  The commit fails instead.
+    """
+    s = make_store(tmp_path / "db", checkpoint_entries=1)
+    try:
+        with pytest.raises(ValueError, match="LMDB cannot store it"):
+            s.commit(Batch([entry(1, key=key)]))
+        s.commit(Batch([entry(1, key=b"fine")]))
+        s.commit(Batch([entry(2, key=b"fine2")]))
+        s = reopen(s)
+        assert [k for k, _ in s.items()] == [b"fine", b"fine2"]
+    finally:
+        s.close()
+
+
+def test_after_a_failed_sync_nothing_more_is_logged(tmp_path, monkeypatch):
+    """
+    The record of a failed append may be on the disk anyway: no other
+    record may ever take its LSN, in either file, or replay would stop at
+    the wrong one.  Here the retry would find a checkpoint due and log to
+    the other file, were the store not to refuse every commit from then on.
+    """
+    import ckv.wal
+
+    class Busy:  # a checkpoint still running
+        def is_alive(self) -> bool:
+            return True
+
+        def join(self) -> None:
+            pass
+
+    s = make_store(tmp_path / "db", checkpoint_entries=2)
+    for seq in (1, 2, 3, 4):
+        s._join_checkpointer()
+        s.commit(Batch([entry(seq, key=b"k%d" % seq)]))
+    s._join_checkpointer()
+    assert s._active.entries == 2  # 3 and 4: due for a checkpoint
+    s._checkpointer = Busy()
+    monkeypatch.setattr(ckv.wal, "_datasync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(ckv.wal.LogFailed):
+        s.commit(Batch([entry(5, key=b"k5")]))
+    monkeypatch.undo()
+    s._checkpointer = None  # the checkpoint ended
+    with pytest.raises(ckv.wal.LogFailed):
+        s.commit(Batch([entry(5, key=b"k5")]))
+    assert s._frozen is None  # nothing was handed over: still one file
+    crash(s)
+    s = make_store(tmp_path / "db")
+    try:
+        assert s.recover().applied_seq in (4, 5)  # the failed record may or may not count
+        assert [s.get(b"k%d" % i) for i in (1, 2, 3, 4)] == [b"v"] * 4
+    finally:
+        s.close()
+
+
+def test_a_wipe_skips_the_lsn_a_failed_append_may_have_left(tmp_path, monkeypatch):
+    import ckv.wal
+
+    s = make_store(tmp_path / "db")
+    monkeypatch.setattr(ckv.wal, "_datasync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(ckv.wal.LogFailed):
+        s.commit(Batch([entry(1, key=b"old")]))  # written, not synced: on the disk all the same
+    monkeypatch.undo()
+    s.wipe()
+    s.put_snapshot_items([(wire.SNAPSHOT_DB_DATA, b"k", b"from-snapshot")])
+    s.finish_snapshot(10, 3, 1)
+    crash(s)
+    s = make_store(tmp_path / "db")
+    try:
+        assert s.items() == [(b"k", b"from-snapshot")] and s.recover().applied_seq == 10
+    finally:
+        s.close()
+
+
+def test_a_log_left_by_a_durable_run_is_replayed_in_replicated_mode(tmp_path):
+    """Switching --sync after a crash loses nothing, and leaves no log to replay later."""
+    s = make_store(tmp_path / "db")
+    s.commit(Batch([entry(1, key=b"k", value=b"one")]))
+    s.commit(Batch([entry(2, key=b"k", value=b"two")]))
+    crash(s)
+    s = make_store(tmp_path / "db", "replicated")
+    assert s.get(b"k") == b"two" and s.recover().applied_seq == 2
+    assert not [n for n in os.listdir(s.path) if n.startswith("wal.")]
+    s.commit(Batch([entry(3, key=b"k", value=b"three")]))
+    s.close()
+    s = make_store(tmp_path / "db")
+    try:
+        assert s.get(b"k") == b"three" and s.recover().applied_seq == 3
+    finally:
+        s.close()

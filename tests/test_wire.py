@@ -593,7 +593,7 @@ def test_check_request_accepts_good_requests():
     assert wire.check_request(decoded_request()) is None
     assert wire.check_request(decoded_request(key=b"k" * wire.MAX_KEY)) is None
     assert wire.check_request(decoded_request(value=b"v" * wire.MAX_VALUE)) is None
-    assert wire.check_request(decoded_request(key=b"", value=b"")) is None
+    assert wire.check_request(decoded_request(value=b"")) is None  # the empty value is a value
     assert wire.check_request(decoded_request(op=Op.GET, value=b"", flags=0)) is None
     assert wire.check_request(decoded_request(op=Op.DELETE, value=b"", flags=0)) is None
     assert wire.check_request(decoded_request(op=Op.CAS, value=b"", flags=0)) is None
@@ -755,3 +755,20 @@ def test_doc_hex_dumps_match_the_code():
     assert dumps == [struct.pack(">I", len(f)) + f for f in expected]
     for d in dumps:
         wire.decode(d[4:])
+
+
+@pytest.mark.parametrize("op", [Op.GET, Op.PUT, Op.DELETE, Op.CAS])
+def test_check_request_refuses_the_empty_key(op):
+    """LMDB cannot store the empty key: refused before anything is decided."""
+    status, message = wire.check_request(decoded_request(op=op, key=b""))
+    assert status == Status.BAD_REQUEST and "empty key" in message
+
+
+def test_the_key_limit_is_what_lmdb_stores(tmp_path):
+    import lmdb
+
+    env = lmdb.open(str(tmp_path))
+    try:
+        assert wire.MAX_KEY == env.max_key_size()
+    finally:
+        env.close()

@@ -39,6 +39,7 @@ from ckv.chain.transfer import SnapshotSender, apply_snapshot_frame, snapshot_ac
 from ckv.config import EMPTY, ClusterConfig, Member
 from ckv.framing import FrameProtocol, error_text
 from ckv.storage import Batch, Store
+from ckv.wal import LogFailed
 from ckv.wire import MessageType as T
 
 #: Sessions looked at per write transaction of a sweep (about a millisecond).
@@ -766,6 +767,15 @@ class NodeService(service.MultiService):
         if f.check(lmdb.MapFullError):
             self._grow()
             return
+        if f.check(LogFailed):
+            # What the disk holds is unknown: stop, so the master takes the
+            # node out; started again, it recovers from what its log holds.
+            self.log.critical(
+                "node {name} stops: {error}", name=self.name, error=f.getErrorMessage()
+            )
+            if self.reactor.running:
+                self.reactor.stop()
+            return
         self.log.failure("commit of {n} entries failed; retrying in 1s", f, n=len(batch.entries))
         self.reactor.callLater(1.0, self.kick)
 
@@ -806,6 +816,7 @@ class NodeService(service.MultiService):
         if (
             self._sweep_start is None
             or self._sweeping
+            or self._growing
             or self.store is None
             or self.replica.busy
             or self.receiving_snapshot

@@ -78,11 +78,12 @@ def check_sizes(key: bytes, value: bytes | None = None, expected: bytes | None =
 
     @raise TypeError: a key or value is not bytes.
     @raise TooLarge: the key or a value exceeds its limit.
+    @raise RequestError: the key is empty.
     """
     # The common case in one expression (this runs for every request).
     if (
         type(key) is bytes
-        and len(key) <= wire.MAX_KEY
+        and 0 < len(key) <= wire.MAX_KEY
         and (value is None or (type(value) is bytes and len(value) <= wire.MAX_VALUE))
         and expected is None
     ):
@@ -94,6 +95,8 @@ def check_sizes(key: bytes, value: bytes | None = None, expected: bytes | None =
         raise TooLarge(
             Status.TOO_LARGE, f"key of {len(key)} bytes exceeds the limit of {wire.MAX_KEY}"
         )
+    if not key:
+        raise RequestError(Status.BAD_REQUEST, "the empty key is not allowed")
     for name, v in (("value", value), ("expected value", expected)):
         if v is not None and len(v) > wire.MAX_VALUE:
             raise TooLarge(
