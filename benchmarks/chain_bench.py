@@ -15,10 +15,10 @@ operation (from /proc; Linux only): where the time goes.  Everything runs
 on loopback and stops by itself.
 
 Before the durable runs it prints what the disk gives right now: three
-processes committing fsynced LMDB transactions of 10 random puts at once
-(--no-disk skips it).  Durable throughput follows that figure, and on a
-shared virtual disk it moves by a third from one minute to the next: quote
-it with the results.
+processes appending a batch of 16 updates to a write-ahead log and syncing
+it, at once, as durable nodes commit (--no-disk skips it).  Durable
+throughput follows that figure, and on a shared virtual disk it moves by a
+third from one minute to the next: quote it with the results.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import json
 import multiprocessing
 import os
 import queue
-import random
 import resource
 import signal
 import subprocess
@@ -89,37 +88,35 @@ def cpu_line(before: dict[str, float | None], after: dict[str, float | None],
 
 
 def _disk_writer(path: str, seconds: float, puts: int, out: Any) -> None:
-    """One LMDB writer as a durable node commits: fsync on, `puts` random puts per commit."""
-    import lmdb  # here: the benchmark itself needs only the standard library
+    """One writer as a durable node commits: a log record of `puts` updates, synced."""
+    sys.path.insert(0, REPO)
+    from ckv.wal import WriteAheadLog
 
-    env = lmdb.open(path, map_size=1 << 28, max_dbs=2, sync=True, metasync=True)
-    db = env.open_db(b"data")
-    value = os.urandom(100)
-    with env.begin(write=True) as txn:
-        for k in range(10_000):
-            txn.put(b"key%08d" % k, value, db=db)
+    log = WriteAheadLog(os.path.join(path, "wal.0"))
+    log.open()
+    record = os.urandom(puts * 150)  # an update of a 100-byte value, encoded
     commits, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        with env.begin(write=True) as txn:
-            for _ in range(puts):
-                txn.put(b"key%08d" % random.randrange(10_000), value, db=db)
         commits += 1
+        log.append(commits, record)
+        if log.offset > 4 << 20:  # as after a checkpoint
+            log.rewind()
     out.put(commits / (time.perf_counter() - started))
-    env.close()
+    log.close()
 
 
 def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
-                     puts: int = 10) -> tuple[float, float]:
+                     puts: int = 16) -> tuple[float, float]:
     """
     What the disk gives durable nodes right now: `writers` processes (one
-    per node of a chain) commit `puts` random puts per fsynced LMDB
-    transaction for `seconds`.  Returns the commits per second of all of
+    per node of a chain) append records of `puts` updates to a write-ahead
+    log and sync each, for `seconds`.  Returns the commits per second of all of
     them together and the milliseconds one commit takes.  Durable
     throughput follows this number: on a shared virtual disk it moves by a
     third from one minute to the next, so quote it with the results.
     """
-    # fork: the writers need nothing but lmdb, and this script may have
-    # been loaded from a path that a spawned child could not import.
+    # fork: this script may have been loaded from a path that a spawned
+    # child could not import.
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     procs = [
@@ -206,7 +203,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ckv-bench-") as work:
             if sync == "durable" and not args.no_disk:
                 rate, ms = disk_calibration(work)
-                print(f"# disk now: 3 LMDB writers, fsync on, 10 puts per commit: "
+                print(f"# disk now: 3 writers, log append + fdatasync, 16 updates per commit: "
                       f"{rate:.0f} commits/s in all, {ms:.2f} ms per commit", flush=True)
             proc, info = start_cluster(work, sync, args.chains)
             try:
