@@ -67,6 +67,8 @@ _APPLIED = b"applied_seq"
 _EPOCH = b"epoch"
 _CHAIN = b"chain_id"
 _WAL_LSN = b"wal_lsn"
+#: Random, made with the environment: the salt of its log's records.
+_STORE_ID = b"store_id"
 
 #: A commit that finds this many logged entries not yet in LMDB checkpoints
 #: them first.  Random keys dirty about one LMDB page each, so the first
@@ -191,6 +193,7 @@ class Store:
         self._active: _Logged | None = None
         self._frozen: _Logged | None = None
         self._checkpointer: threading.Thread | None = None
+        self._store_id = b""
         self._log_failed: LogFailed | None = None
         self._checkpoint_error: BaseException | None = None
         #: Last LSN logged, and last applied seq (logged or in LMDB).
@@ -223,12 +226,16 @@ class Store:
         self._sessions = self.env.open_db(b"sessions")
         self._sent = self.env.open_db(b"sent")
         self._meta = self.env.open_db(b"meta")
-        with self.env.begin() as txn:
+        with self.env.begin(write=True) as txn:
             self._applied = self._meta_u64(txn, _APPLIED)
             self._lsn = self._meta_u64(txn, _WAL_LSN)
+            self._store_id = txn.get(_STORE_ID, db=self._meta)
+            if self._store_id is None:
+                self._store_id = os.urandom(16)
+                txn.put(_STORE_ID, self._store_id, db=self._meta)
         paths = [os.path.join(self.path, name) for name in _WAL_FILES]
         if self.sync_mode == "durable" or any(os.path.exists(p) for p in paths):
-            self._wals = [WriteAheadLog(p) for p in paths]
+            self._wals = [WriteAheadLog(p, salt=self._store_id) for p in paths]
             for w in self._wals:
                 w.open()
             self._replay()
@@ -455,6 +462,7 @@ class Store:
             # a record of the next LSN that a failed append may have left.
             self._lsn += 1
             txn.put(_WAL_LSN, _U64.pack(self._lsn), db=self._meta)
+            txn.put(_STORE_ID, self._store_id, db=self._meta)
         with self._view_lock:
             self._frozen = None
             if self._active is not None:

@@ -15,7 +15,10 @@ Record layout (big-endian)::
 
     magic u32 | crc32 u32 | lsn u64 | length u32 | payload (length bytes)
 
-The CRC covers the LSN, the length and the payload.  LSNs are consecutive.
+The CRC covers the log's salt (an identifier of the store it belongs to,
+kept by the store), the LSN, the length and the payload: records of
+another store, say one whose LMDB files were deleted and made again next to
+an old log, do not check.  LSNs are consecutive.
 Reading stops at the first record that is torn (bad magic, length or CRC),
 or whose LSN is not the next one: after a checkpoint the file is rewritten
 from offset 0, so what follows the newest record is an older generation
@@ -57,8 +60,13 @@ class WriteAheadLog:
     commits), and reading happens at open, before any append.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, salt: bytes = b"") -> None:
+        """
+        @param salt: mixed into every record's CRC: only a log opened with
+            the same salt reads the records back.
+        """
         self.path = path
+        self._crc_seed = zlib.crc32(salt)
         self._fd: int | None = None
         #: Where the next record goes.
         self.offset = 0
@@ -105,7 +113,7 @@ class WriteAheadLog:
             if lsn != expected:
                 return  # an older generation, or a record not covered by this checkpoint
             payload = os.pread(fd, length, offset + _HEADER.size)
-            if zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(lsn, length))) != crc:
+            if self._crc(lsn, payload) != crc:
                 return
             offset += _HEADER.size + length
             self.offset = offset
@@ -121,7 +129,7 @@ class WriteAheadLog:
         fd = self._fileno()
         if self.failed is not None:
             raise self.failed
-        crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(lsn, len(payload))))
+        crc = self._crc(lsn, payload)
         record = _HEADER.pack(MAGIC, crc, lsn, len(payload)) + payload
         try:
             written = os.pwrite(fd, record, self.offset)
@@ -134,6 +142,9 @@ class WriteAheadLog:
         self.offset += len(record)
         self.appends += 1
         return len(record)
+
+    def _crc(self, lsn: int, payload: bytes) -> int:
+        return zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(lsn, len(payload)), self._crc_seed))
 
     def rewind(self) -> None:
         """

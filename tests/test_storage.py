@@ -765,3 +765,25 @@ def test_a_log_left_by_a_durable_run_is_replayed_in_replicated_mode(tmp_path):
         assert s.get(b"k") == b"three" and s.recover().applied_seq == 3
     finally:
         s.close()
+
+
+def test_a_log_left_next_to_new_lmdb_files_is_not_replayed(tmp_path):
+    """
+    An operator deletes data.mdb (not the whole directory) after a crash:
+    the new environment has a new id, and the old log's records, salted
+    with the old one, bring nothing back.
+    """
+    s = make_store(tmp_path / "db")
+    s.commit(Batch([entry(1, key=b"deleted")]))
+    crash(s)
+    for name in ("data.mdb", "lock.mdb"):
+        os.remove(tmp_path / "db" / name)
+    s = make_store(tmp_path / "db")
+    try:
+        assert s.items() == [] and s.recover().applied_seq == 0
+        s.commit(Batch([entry(1, key=b"new")]))  # and the log goes on from there
+        crash(s)
+        s = make_store(tmp_path / "db")
+        assert s.items() == [(b"new", b"v")]
+    finally:
+        s.close()

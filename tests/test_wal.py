@@ -97,3 +97,16 @@ def test_append_needs_an_open_log(tmp_path):
     w = WriteAheadLog(str(tmp_path / "wal.log"))
     with pytest.raises(RuntimeError, match="not open"):
         w.append(1, b"x")
+
+
+def test_records_check_only_with_the_salt_they_were_written_with(tmp_path):
+    """A store's log is salted with its id: another store's records are not its own."""
+    w = WriteAheadLog(str(tmp_path / "wal.log"), salt=b"store A")
+    w.open()
+    w.append(1, b"a")
+    w.close()
+    for salt, expected in ((b"store A", [(1, b"a")]), (b"store B", []), (b"", [])):
+        again = WriteAheadLog(w.path, salt=salt)
+        again.open()
+        assert list(again.records(0)) == expected
+        again.close()
