@@ -13,28 +13,32 @@ Four named databases in one environment:
     Durable so that a whole-chain restart loses nothing.
   - C{meta}: applied seq, epoch, chain id.
 
-Every batch of updates is applied in one write transaction (group commit),
-together with its sessions, its sent entries and the new applied seq, so a
-crash leaves the store at a batch boundary.
+Every batch of updates is one commit (group commit), together with its
+sessions, its sent entries and the new applied seq, so a crash leaves the
+store at a batch boundary.  In C{replicated} mode a commit is one LMDB write
+transaction.
 
-In C{durable} mode a batch is first appended to a write-ahead log
-(L{ckv.wal}) and synced there: that is the moment it is durable.  It is
-applied at once to an in-memory overlay that reads consult first, and to
-LMDB by a I{checkpoint}: one fsynced write transaction for every batch
-logged since the last one, run by the commit that finds
-L{CHECKPOINT_ENTRIES} entries or L{CHECKPOINT_BYTES} bytes waiting (and at
-close).  The checkpoint records the last LSN it holds (C{wal_lsn} in
-C{meta}); opening the store applies the records after it.  One synced
-append instead of one LMDB commit per batch: LMDB writes every page a batch
-touched at random places and syncs twice, which costs three to five times
+In C{durable} mode a batch is appended to a write-ahead log (L{ckv.wal})
+and synced there: that is the moment it is durable.  It also goes into an
+in-memory layer (L{_Logged}: the batches, and the data and sessions they
+leave) that reads consult before LMDB.  A I{checkpoint} puts the layer into
+LMDB: once a commit finds L{CHECKPOINT_ENTRIES} entries or
+L{CHECKPOINT_BYTES} bytes logged, it freezes the layer and a thread writes
+its end state in one fsynced LMDB transaction, with the last LSN it holds
+(C{wal_lsn} in C{meta}), while new batches log to the other of two files.
+Opening the store applies the records after that LSN.  One synced append
+instead of one LMDB commit per batch: LMDB writes every page a batch
+touched, at random places, and syncs twice, which costs three to four times
 as much disk time and CPU (see L{ckv.wal}).
 
 Reads run inline on the reactor thread (a read transaction plus a get is
-well under a microsecond); write transactions run wherever L{Store.commit}
-is called: a single dedicated thread in C{durable} mode, so the reactor keeps
-working during the fsync, and the reactor thread itself in C{replicated}
-mode, where a commit takes microseconds (LMDB requires a write transaction
-to stay on the thread that began it).
+well under a microsecond).  Commits run wherever L{Store.commit} is called:
+a single dedicated thread in C{durable} mode, so the reactor keeps working
+during the sync, and the reactor thread itself in C{replicated} mode, where
+a commit takes microseconds.  In C{durable} mode LMDB write transactions run
+on the checkpoint thread, or where commits run when something needs LMDB
+complete (LMDB requires a write transaction to stay on the thread that
+began it).
 """
 
 from __future__ import annotations
