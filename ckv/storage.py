@@ -88,8 +88,6 @@ _WAL_FILES = ("wal.0", "wal.1")
 _RECORD = struct.Struct(">BQQQII")
 _U32 = struct.Struct(">I")
 _KEEP_SENT, _HAS_EPOCH, _HAS_CHAIN = 1, 2, 4
-#: In the overlay: the key was deleted.
-_ABSENT = None
 
 #: Initial map size.  On 64-bit systems a large map costs nothing until used.
 DEFAULT_MAP_SIZE = 1 << 30
@@ -121,11 +119,13 @@ class Batch:
 @dataclass(eq=False)
 class _Logged:
     """
-    Batches in one log file and not in LMDB yet (C{durable} mode), and what
-    they do to the data and the sessions, for reads.
+    Batches and what they do to the data and the sessions: in C{durable}
+    mode those in one log file and not in LMDB yet (reads look here first);
+    in C{replicated} mode the one batch being committed.
     """
 
-    wal: WriteAheadLog
+    #: The log file they are in (None: not logged).
+    wal: WriteAheadLog | None = None
     #: (batch, the session time it was logged with), in order.
     batches: list[tuple[Batch, int]] = field(default_factory=list)
     #: key -> value, or None: deleted.
@@ -134,6 +134,21 @@ class _Logged:
     entries: int = 0
     bytes: int = 0
     last_lsn: int = 0
+
+    def add(self, batch: Batch, now: int) -> None:
+        """One more batch, its sessions stamped C{now}."""
+        data, sessions = self.data, self.sessions
+        for e in batch.entries:
+            if e.op == wire.Op.PUT:
+                data[e.key] = e.value
+            elif e.op == wire.Op.DELETE:
+                data[e.key] = None
+            if e.client_id != wire.NO_CLIENT:
+                sessions[session_key(e.client_id, e.lane)] = _SESSION.pack(
+                    e.request_id, e.status, now
+                )
+        self.batches.append((batch, now))
+        self.entries += len(batch.entries)
 
 
 @dataclass
@@ -534,14 +549,17 @@ class Store:
         started = time.perf_counter()
         active = self._active
         if active is None:
+            one = _Logged()
+            one.add(batch, now)
             with env.begin(write=True) as txn:
-                self._apply(txn, batch, now)
+                self._write_layer(txn, one)
         else:
             if self._log_failed is not None:
                 raise self._log_failed
             self._background_checkpoint()
             active = self._active
             payload = _encode_record(batch, now)
+            assert active.wal is not None
             try:
                 size = active.wal.append(self._lsn + 1, payload)
             except LogFailed as e:
@@ -561,22 +579,11 @@ class Store:
         """A logged batch: into the active layer (for reads and the next checkpoint)."""
         active = self._active
         assert active is not None
-        data, sessions = active.data, active.sessions
         with self._view_lock:
-            for e in batch.entries:
-                if e.op == wire.Op.PUT:
-                    data[e.key] = e.value
-                elif e.op == wire.Op.DELETE:
-                    data[e.key] = _ABSENT
-                if e.client_id != wire.NO_CLIENT:
-                    sessions[session_key(e.client_id, e.lane)] = _SESSION.pack(
-                        e.request_id, e.status, now
-                    )
+            active.add(batch, now)
             if batch.entries:
                 self._applied = batch.entries[-1].seq
-            active.batches.append((batch, now))
             active.last_lsn = self._lsn
-        active.entries += len(batch.entries)
         active.bytes += size
 
     def _background_checkpoint(self) -> None:
@@ -674,35 +681,7 @@ class Store:
         """
         started = time.perf_counter()
         with self._env().begin(write=True) as txn:
-            # The end state, not every batch: a key written a hundred times
-            # is put once.
-            for k, v in logged.data.items():
-                if v is None:
-                    txn.delete(k, db=self._data)
-                else:
-                    txn.put(k, v, db=self._data)
-            for k, v in logged.sessions.items():
-                txn.put(k, v, db=self._sessions)
-            sent = _sent_after(logged.batches, _sent_seqs(txn, self._sent))
-            # Prune what the batches pruned, add what they kept.
-            pruned = max((b.prune_sent_upto for b, _ in logged.batches), default=0)
-            if pruned:
-                self._prune(txn, pruned)
-            for batch, _ in logged.batches:
-                if batch.keep_sent:
-                    for e in batch.entries:
-                        if e.seq in sent:
-                            txn.put(_U64.pack(e.seq), e.encode(), db=self._sent)
-            meta = {_WAL_LSN: logged.last_lsn}
-            for batch, _ in logged.batches:
-                if batch.entries:
-                    meta[_APPLIED] = batch.entries[-1].seq
-                if batch.epoch is not None:
-                    meta[_EPOCH] = batch.epoch
-                if batch.chain_id is not None:
-                    meta[_CHAIN] = batch.chain_id
-            for k, n in meta.items():
-                txn.put(k, _U64.pack(n), db=self._meta)
+            self._write_layer(txn, logged)
         with self._view_lock:
             if self._frozen is logged:
                 self._frozen = None
@@ -711,30 +690,41 @@ class Store:
         self.checkpoint_seconds += elapsed
         self.checkpoint_max_seconds = max(self.checkpoint_max_seconds, elapsed)
 
-    def _apply(self, txn: lmdb.Transaction, batch: Batch, now: int) -> None:
-        """What a batch does to LMDB, in C{txn}."""
-        data, sessions, sent = self._data, self._sessions, self._sent
-        for e in batch.entries:
-            if e.op == wire.Op.PUT:
-                txn.put(e.key, e.value, db=data)
-            elif e.op == wire.Op.DELETE:
-                txn.delete(e.key, db=data)
-            if e.client_id != wire.NO_CLIENT:
-                txn.put(
-                    session_key(e.client_id, e.lane),
-                    _SESSION.pack(e.request_id, e.status, now),
-                    db=sessions,
-                )
+    def _write_layer(self, txn: lmdb.Transaction, layer: _Logged) -> None:
+        """
+        What the batches of C{layer} did, in C{txn}: their end state (a key
+        written a hundred times is put once), the sent list, the meta, and
+        the last LSN if they were logged.
+        """
+        for k, v in layer.data.items():
+            if v is None:
+                txn.delete(k, db=self._data)
+            else:
+                txn.put(k, v, db=self._data)
+        for k, v in layer.sessions.items():
+            txn.put(k, v, db=self._sessions)
+        # The sent list: LMDB's entries are older than the batches', so the
+        # highest prune covers all of LMDB's that any prune does; of the
+        # batches' entries, those that no prune at or after them removed.
+        pruned = max((b.prune_sent_upto for b, _ in layer.batches), default=0)
+        if pruned:
+            self._prune(txn, pruned)
+        kept = _sent_after(layer.batches, ())
+        for batch, _ in layer.batches:
             if batch.keep_sent:
-                txn.put(_U64.pack(e.seq), e.encode(), db=sent)
-        if batch.prune_sent_upto:
-            self._prune(txn, batch.prune_sent_upto)
-        if batch.entries:
-            txn.put(_APPLIED, _U64.pack(batch.entries[-1].seq), db=self._meta)
-        if batch.epoch is not None:
-            txn.put(_EPOCH, _U64.pack(batch.epoch), db=self._meta)
-        if batch.chain_id is not None:
-            txn.put(_CHAIN, _U64.pack(batch.chain_id), db=self._meta)
+                for e in batch.entries:
+                    if e.seq in kept:
+                        txn.put(_U64.pack(e.seq), e.encode(), db=self._sent)
+        meta = {_WAL_LSN: layer.last_lsn} if layer.wal is not None else {}
+        for batch, _ in layer.batches:
+            if batch.entries:
+                meta[_APPLIED] = batch.entries[-1].seq
+            if batch.epoch is not None:
+                meta[_EPOCH] = batch.epoch
+            if batch.chain_id is not None:
+                meta[_CHAIN] = batch.chain_id
+        for k, n in meta.items():
+            txn.put(k, _U64.pack(n), db=self._meta)
 
     def expire_sessions(
         self, ttl: float, start: bytes = b"", limit: int = 10_000
