@@ -57,6 +57,7 @@ import lmdb
 from twisted.logger import Logger
 
 from ckv import wire
+from ckv.dirlock import lock_directory, unlock_directory
 from ckv.entry import Entry
 from ckv.wal import LogFailed, WriteAheadLog
 
@@ -225,11 +226,30 @@ class Store:
         self.checkpoints = 0
         self.checkpoint_seconds = 0.0
         self.checkpoint_max_seconds = 0.0
+        self._lock_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     def open(self) -> None:
+        """
+        Open (or create) the store, and replay its log.
+
+        @raise DirectoryInUse: another process has this directory open
+            (L{ckv.dirlock}).
+        """
         os.makedirs(self.path, exist_ok=True)
+        self._lock_fd = lock_directory(self.path)
+        try:
+            self._open()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        unlock_directory(self._lock_fd)
+        self._lock_fd = None
+
+    def _open(self) -> None:
         self.env = lmdb.open(
             self.path,
             map_size=self.map_size,
@@ -315,6 +335,7 @@ class Store:
             self._active = None
             self.env.close()
             self.env = None
+            self._unlock()
 
     def _env(self) -> lmdb.Environment:
         if self.env is None:

@@ -383,6 +383,29 @@ def test_idle_sessions_expire_on_every_replica(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_a_node_refuses_a_data_directory_another_process_holds(tmp_path):
+    """Two nodes given one --data-dir: the second exits at once and says why."""
+    from ckv.portfile import ProcessExited
+    from ckv.storage import Store
+
+    data_dir = str(tmp_path / "shared")
+    holder = Store(data_dir)  # this test process stands for the first node
+    holder.open()
+    try:
+        node = Process(
+            "n2", "node",
+            ["--name", "n2", "--listen", "tcp:0:interface=127.0.0.1",
+             "--master", "tcp:127.0.0.1:1", "--data-dir", data_dir],
+            str(tmp_path),
+        )  # fmt: skip
+        with pytest.raises(ProcessExited) as exc:
+            node.start(timeout=60)
+        assert exc.value.returncode != 0
+        assert f"is in use by another process (pid {os.getpid()})" in str(exc.value)
+    finally:
+        holder.close()
+
+
 def test_tac_files_run_each_role(tmp_path):
     """tac/master.tac, tac/node.tac and tac/dispatcher.tac, configured by environment."""
     work = str(tmp_path)

@@ -207,6 +207,22 @@ def register(p, name: str, port: int) -> None:
     )
 
 
+def test_a_second_master_on_the_same_directory_is_refused(master, tmp_path):
+    from ckv.dirlock import DirectoryInUse
+
+    m, reactor, clock = master
+    other = MasterService(
+        listen="tcp:0:interface=127.0.0.1", data_dir=m.data_dir, chain_length=2,
+        reactor=MemoryReactorClock(),
+    )  # fmt: skip
+    with pytest.raises(DirectoryInUse, match="is in use by another process"):
+        other.startService()
+    # Once the first one stops, the directory is free.
+    m.stopService()
+    other.startService()
+    other.stopService()
+
+
 def test_register_gets_config_and_a_lease(master):
     m, reactor, clock = master
     p, t = connect(m)

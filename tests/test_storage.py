@@ -9,6 +9,7 @@ import lmdb
 import pytest
 
 from ckv import wire
+from ckv.dirlock import DirectoryInUse
 from ckv.entry import Entry
 from ckv.storage import SYNC_MODES, Batch, Recovered, Store, session_key
 from ckv.wire import Op, Status
@@ -191,6 +192,52 @@ def test_closed_store(tmp_path):
     s.close()  # twice is fine
     with pytest.raises(RuntimeError):
         s.commit(Batch([entry(1)]))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_a_directory_in_use_is_refused_until_it_is_closed(tmp_path, config):
+    first = make_store(tmp_path / "db", config)
+    first.commit(Batch([entry(1, key=b"a", value=b"1")]))
+    second = Store(str(tmp_path / "db"), **CONFIGS[config])
+    with pytest.raises(DirectoryInUse, match=rf"in use by another process \(pid {os.getpid()}\)"):
+        second.open()
+    assert second.env is None
+    # The refused open touched nothing: the holder goes on.
+    first.commit(Batch([entry(2, key=b"b", value=b"2")]))
+    first.close()
+    second.open()
+    try:
+        assert second.items() == [(b"a", b"1"), (b"b", b"2")]
+    finally:
+        second.close()
+
+
+def test_the_lock_goes_with_a_killed_process(tmp_path):
+    """Held by a process until it dies, however it dies (the pid file stays)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests import harness
+
+    path = str(tmp_path / "db")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from ckv.storage import Store; s = Store(sys.argv[1]); s.open(); "
+         "print('open', flush=True); sys.stdin.read()", path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=harness.env(),
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(DirectoryInUse, match=rf"pid {holder.pid}\b"):
+            Store(path).open()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    s = Store(path)
+    s.open()
+    s.close()
 
 
 def test_open_creates_directory(tmp_path):
@@ -395,6 +442,7 @@ def crash(s: Store) -> None:
         w.close()
     s.env.close()
     s._wals, s.env, s._active = [], None, None
+    s._unlock()  # a dead process holds no lock
 
 
 def some_batches() -> list[Batch]:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ckv import wire
+from ckv.dirlock import lock_directory, unlock_directory
 from ckv.framing import FrameProtocol
 from ckv.master.state import MasterState
 from ckv.wire import MessageType as T
@@ -133,6 +134,7 @@ class MasterService(service.MultiService):
         #: Tails being removed on request: they get no more read leases.
         self.draining: set[str] = set()
         self._env: lmdb.Environment | None = None
+        self._lock_fd: int | None = None
         self._ports: list[IListeningPort] = []
         self._frame: bytes | None = None
         self.listen_port = 0
@@ -195,6 +197,9 @@ class MasterService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         os.makedirs(self.data_dir, exist_ok=True)
+        # Raises DirectoryInUse: two masters on one directory would each
+        # overwrite the other's configuration.
+        self._lock_fd = lock_directory(self.data_dir)
         self._env = lmdb.open(self.data_dir, map_size=64 << 20, max_dbs=2)
         self._db = self._env.open_db(b"master")
         with self._env.begin(db=self._db) as txn:
@@ -254,6 +259,8 @@ class MasterService(service.MultiService):
         if self._env is not None:
             self._env.close()
             self._env = None
+        unlock_directory(self._lock_fd)
+        self._lock_fd = None
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
