@@ -223,6 +223,33 @@ def test_a_second_master_on_the_same_directory_is_refused(master, tmp_path):
     other.stopService()
 
 
+def test_new_reports_are_saved_once_per_detection_round(master):
+    """Between configuration changes, reports reach the disk every heartbeat interval."""
+    m, reactor, clock = master
+    pa, _ = connect(m)
+    register(pa, "a", 7001)
+    pb, _ = connect(m)
+    register(pb, "b", 7002)
+    for name in ("a", "b"):
+        m.state.heartbeat(name, clock(), committed_seq=40)
+    assert m.state.reports_unsaved
+    clock.now += 1.0
+    reactor.advance(1.0)  # one failure-detection round
+    assert not m.state.reports_unsaved
+    data_dir = m.data_dir
+    m.stopService()
+    again = MasterService(
+        listen="tcp:0:interface=127.0.0.1", data_dir=data_dir, chain_length=2,
+        reactor=MemoryReactorClock(), clock=clock,
+    )  # fmt: skip
+    again.startService()
+    try:
+        assert again.state.reported == {"a": 40, "b": 40}
+        assert again.state.lost_data("b", 0, 39)
+    finally:
+        again.stopService()
+
+
 def test_register_gets_config_and_a_lease(master):
     m, reactor, clock = master
     p, t = connect(m)
@@ -331,6 +358,36 @@ def test_a_member_back_with_less_than_it_reported_is_taken_out():
     s.heartbeat("n2", 1.0, committed_seq=80)
     assert s.register("n2", "127.0.0.1", 9002, now=2.0, chain_id=0, committed_seq=60)
     assert members(s) == ["n1", "n3"]
+
+
+def test_reported_seqs_survive_a_master_restart():
+    """A store behind its reports is caught after a master restart too."""
+    s = formed()
+    assert not s.reports_unsaved
+    s.heartbeat("n2", 1.0, committed_seq=80)
+    s.heartbeat("n2", 1.5, committed_seq=70)  # an older report changes nothing
+    assert s.reports_unsaved and s.reported["n2"] == 80
+    t = MasterState.from_json(s.to_json(), chains=1, chain_length=3)
+    assert t.reported == {"n2": 80} and not t.reports_unsaved
+    t.grace(2.0)
+    assert t.register("n2", "127.0.0.1", 9002, now=2.0, chain_id=0, committed_seq=60)
+    assert members(t) == ["n1", "n3"]
+
+
+def test_a_state_saved_without_reports_loads():
+    import json
+
+    d = json.loads(formed().to_json())
+    del d["reported"]
+    t = MasterState.from_json(json.dumps(d).encode(), chains=1, chain_length=3)
+    assert t.reported == {} and members(t) == ["n1", "n2", "n3"]
+
+
+def test_a_forgotten_node_leaves_no_report():
+    s = formed()
+    s.heartbeat("n3", 1.0, committed_seq=50)
+    assert s.forget("n3")
+    assert "n3" not in s.reported
 
 
 def test_a_member_back_with_its_data_keeps_its_place():

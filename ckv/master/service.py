@@ -344,15 +344,26 @@ class MasterService(service.MultiService):
                 )
             if removed or started:
                 self.changed()
+            elif self.state.reports_unsaved:
+                self.save()
         except Exception:
             # Keep the loop alive: one bad round must not stop detection.
             self.log.failure("failure detection round failed")
 
-    def changed(self) -> None:
-        """Persist the state, then push the new configuration to everyone."""
+    def save(self) -> None:
+        """
+        Persist the state.  Besides every configuration change, once per
+        failure-detection round if nodes reported new committed seqs: a
+        master restart forgets at most one heartbeat interval of reports.
+        """
         assert self._env is not None
         with self._env.begin(write=True, db=self._db) as txn:
             txn.put(_STATE_KEY, self.state.to_json())
+        self.state.reports_unsaved = False
+
+    def changed(self) -> None:
+        """Persist the state, then push the new configuration to everyone."""
+        self.save()
         self._frame = None
         frame = self.config_frame()
         for p in list(self.subscribers):

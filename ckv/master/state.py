@@ -49,8 +49,12 @@ class MasterState:
         self.nodes: dict[str, Member] = {}
         self.spares: list[str] = []
         self.last_seen: dict[str, float] = {}
-        #: The highest committed seq each node has reported (in memory).
+        #: The highest committed seq each node has reported: what a store
+        #: coming back with less has lost (L{lost_data}).  Persisted with
+        #: the configuration, so it holds across a master restart.
         self.reported: dict[str, int] = {}
+        #: C{reported} grew since it was last persisted.
+        self.reports_unsaved = False
         #: Chains seen with every member silent (a whole-chain stop).
         self._stopped: set[int] = set()
 
@@ -81,8 +85,7 @@ class MasterState:
         member = Member(name, host, port)
         old = self.nodes.get(name)
         lost = self.lost_data(name, chain_id, committed_seq)
-        if committed_seq is not None:
-            self.reported[name] = max(self.reported.get(name, 0), committed_seq)
+        self._report(name, committed_seq)
         if old is not None:
             if lost and self.remove(name):
                 self.nodes[name] = member
@@ -126,8 +129,12 @@ class MasterState:
         """A sign of life from a node (with how far its store has got)."""
         if name in self.nodes:
             self.last_seen[name] = now
-            if committed_seq is not None:
-                self.reported[name] = max(self.reported.get(name, 0), committed_seq)
+            self._report(name, committed_seq)
+
+    def _report(self, name: str, committed_seq: int | None) -> None:
+        if committed_seq is not None and committed_seq > self.reported.get(name, 0):
+            self.reported[name] = committed_seq
+            self.reports_unsaved = True
 
     def grace(self, now: float) -> None:
         """
@@ -212,6 +219,7 @@ class MasterState:
             self.spares.remove(name)
         del self.nodes[name]
         self.last_seen.pop(name, None)
+        self.reported.pop(name, None)
         self.version += 1
         return True
 
@@ -326,6 +334,7 @@ class MasterState:
                 ],
                 "nodes": {n: {"host": m.host, "port": m.port} for n, m in self.nodes.items()},
                 "spares": self.spares,
+                "reported": self.reported,
             },
             sort_keys=True,
         ).encode()
@@ -346,4 +355,6 @@ class MasterState:
             for c in d["chains"]
         ]
         state.spares = list(d["spares"])
+        # Absent from a state saved before reports were persisted.
+        state.reported = {n: int(v) for n, v in d.get("reported", {}).items()}
         return state
