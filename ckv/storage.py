@@ -670,6 +670,12 @@ class Store:
         """Put every logged batch into LMDB now (where commits run)."""
         self._checkpoint()
 
+    def _oldest_logged(self) -> int | None:
+        """The session time of the oldest batch not in LMDB yet (None: none)."""
+        layers = (self._frozen, self._active)
+        times = [x.batches[0][1] for x in layers if x is not None and x.batches]
+        return min(times) if times else None
+
     def _checkpoint(self, grow_if_full: bool = False) -> None:
         """
         Put every logged batch into LMDB before returning (waiting for a
@@ -770,11 +776,15 @@ class Store:
         @return: how many were deleted, and the key to start the next call
             from (None once the whole table was looked at).
         """
-        if not start:
-            # A pass starts: sessions still in the log are looked at too.
-            self._checkpoint()
         now = int(self.clock())
         cutoff = now - ttl
+        if not start:
+            oldest = self._oldest_logged()
+            if oldest is not None and oldest < cutoff:
+                # A pass starts: sessions still in the log that may have
+                # expired go to LMDB first, where it looks.  Only then: a
+                # checkpoint here holds up every commit meanwhile.
+                self._checkpoint()
         deleted = 0
         seen = 0
         with self._env().begin(write=True, db=self._sessions) as txn:

@@ -370,6 +370,28 @@ def test_sessions_idle_longer_than_the_ttl_are_deleted(timed_store):
     assert store.get(b"k") == b"v"
 
 
+def test_a_sweep_checkpoints_first_only_if_the_log_may_hold_expired_sessions(tmp_path):
+    """A checkpoint holds up every commit: a pass starts with one only when it can matter."""
+    clock = FakeWallClock()
+    store = make_store(tmp_path / "db", clock=clock)
+    try:
+        store.commit(Batch([entry(1, lane=1)]))
+        clock.now += 50
+        store.commit(Batch([entry(2, lane=2)]))
+        clock.now += 40
+        # Nothing logged is older than 100 s: the log stays as it is.
+        assert store.expire_sessions(ttl=100) == (0, None)
+        assert store.stats()["checkpoints"] == 0 and store.stats()["wal_entries"] == 2
+        clock.now += 20
+        # Lane 1 was logged 110 s ago: into LMDB, and deleted there.
+        assert store.expire_sessions(ttl=100) == (1, None)
+        assert store.stats()["checkpoints"] == 1 and store.stats()["wal_entries"] == 0
+        assert store.session(session_key(CID, 1)) is None
+        assert store.session(session_key(CID, 2)) == (2, int(Status.OK))
+    finally:
+        store.close()
+
+
 def test_expiry_goes_a_chunk_at_a_time(timed_store):
     store, clock = timed_store
     store.commit(Batch([entry(i, lane=i) for i in range(1, 26)]))
