@@ -44,8 +44,12 @@ def lock_directory(path: str) -> int:
             f"data directory {path} is in use by another process (pid {holder}); "
             "every ckv process needs a data directory of its own"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        os.close(fd)  # and with it the lock
+        raise
     return fd
 
 

@@ -247,6 +247,15 @@ class Store:
         try:
             self._open()
         except BaseException:
+            # Let nothing stay open once the lock goes: another process
+            # may take the directory as soon as it is released.
+            self._join_checkpointer()
+            for w in self._wals:
+                w.close()
+            self._wals, self._active, self._frozen = [], None, None
+            if self.env is not None:
+                self.env.close()
+                self.env = None
             self._unlock()
             raise
 

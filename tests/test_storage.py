@@ -212,6 +212,26 @@ def test_a_directory_in_use_is_refused_until_it_is_closed(tmp_path, config):
         second.close()
 
 
+def test_an_open_that_fails_leaves_nothing_open(tmp_path, monkeypatch):
+    """The lock goes last: nothing of the store may stay open in this process."""
+    path = tmp_path / "db"
+    make_store(path).close()
+
+    def broken_replay(self):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(Store, "_replay", broken_replay)
+    s = Store(str(path))
+    with pytest.raises(OSError, match="disk gone"):
+        s.open()
+    assert s.env is None and s._wals == [] and s._lock_fd is None
+    monkeypatch.undo()
+    # LMDB would refuse a second open of an environment this process still
+    # has open; the directory is free and whole.
+    again = make_store(path)
+    again.close()
+
+
 def test_the_lock_goes_with_a_killed_process(tmp_path):
     """Held by a process until it dies, however it dies (the pid file stays)."""
     import signal
