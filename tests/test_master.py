@@ -390,6 +390,21 @@ def test_a_forgotten_node_leaves_no_report():
     assert "n3" not in s.reported
 
 
+def test_a_last_member_kept_without_its_data_is_judged_by_what_it_has_now():
+    s = formed(2)
+    s.heartbeat("n2", 1.0, committed_seq=1000)
+    assert s.remove("n1")
+    # Back with less than it reported, but the chain's only copy: it stays.
+    s.register("n2", "127.0.0.1", 7002, now=2.0, chain_id=0, committed_seq=940)
+    assert members(s) == ["n2"]
+    assert s.reported["n2"] == 940 and s.reports_unsaved
+    # A clean restart later (after a master restart too) is no loss.
+    t = MasterState.from_json(s.to_json(), chains=1, chain_length=2)
+    assert not t.lost_data("n2", 0, 980)
+    assert not t.register("n2", "127.0.0.1", 7002, now=3.0, chain_id=0, committed_seq=980)
+    assert members(t) == ["n2"]
+
+
 def test_a_member_back_with_its_data_keeps_its_place():
     s = formed()
     s.heartbeat("n2", 1.0, committed_seq=80)

@@ -91,6 +91,12 @@ class MasterState:
                 self.nodes[name] = member
                 self.reported.pop(name, None)
                 return True
+            if lost:
+                # Kept anyway (the last member of its chain): what it has
+                # now is what later registrations are judged by, or its
+                # next clean restart would count as a loss again.
+                self.reported[name] = committed_seq or 0
+                self.reports_unsaved = True
             if old == member:
                 return False
             self.nodes[name] = member
