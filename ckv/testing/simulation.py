@@ -416,7 +416,9 @@ class SimNode:
     def heartbeat_tick(self) -> None:
         if self.master_conn is not None:
             self.hb_sent.append(self.sim.now)
-            self.sim.send(self.master_conn, self.name, ("HEARTBEAT", self.name))
+            # With how far the store has got, as NodeService.send_heartbeat.
+            seq = self.replica.committed_seq if self.replica is not None else None
+            self.sim.send(self.master_conn, self.name, ("HEARTBEAT", self.name, seq))
         self.sim.after(self.sim.cfg.heartbeat_interval, self.heartbeat_tick, self.name)
 
     # -- frames --------------------------------------------------------------------------------
@@ -728,7 +730,7 @@ class SimMaster:
                 sim.send(conn, MASTER, ("CONFIG", self.state.config()))
             sim.send(conn, MASTER, ("HB_REPLY", sim.cfg.lease_time))
         elif msg[0] == "HEARTBEAT":
-            self.state.heartbeat(msg[1], sim.now)
+            self.state.heartbeat(msg[1], sim.now, msg[2])
             sim.send(conn, MASTER, ("HB_REPLY", sim.cfg.lease_time))
         elif msg[0] == "WATCH":
             if conn not in self.subscribers:
@@ -749,11 +751,17 @@ class SimMaster:
         if removed:
             sim.trace(f"master removes {removed}: chains {self.state.describe()}")
             self.changed()
+        elif self.state.reports_unsaved:
+            self.save()
         sim.after(sim.cfg.heartbeat_interval, self.detect, MASTER)
+
+    def save(self) -> None:
+        self.persisted = self.state.to_json()
+        self.state.reports_unsaved = False
 
     def changed(self) -> None:
         """Persist, then push the new configuration to every subscriber."""
-        self.persisted = self.state.to_json()
+        self.save()
         config = self.state.config()
         self.sim.trace(
             f"master config v{config.version}: "
