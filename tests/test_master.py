@@ -332,6 +332,38 @@ def test_planned_removal_of_the_tail_waits_for_its_lease(master):
     assert members(m.state) == ["a"]
 
 
+def test_a_master_restarted_while_a_tail_drains_finishes_the_removal(master):
+    """The removal on request outlives a master restart: no lease, then out."""
+    m, reactor, clock = master
+    a, _ = connect(m)
+    b, _ = connect(m)
+    register(a, "a", 7001)
+    register(b, "b", 7002)
+    assert "read lease is no longer renewed" in m.planned_remove("b")
+    data_dir = m.data_dir
+    m.stopService()
+    reactor2 = MemoryReactorClock()
+    again = MasterService(
+        listen="tcp:0:interface=127.0.0.1", data_dir=data_dir, chain_length=2,
+        heartbeat_interval=1.0, failure_timeout=5.0, reactor=reactor2, clock=clock,
+    )  # fmt: skip
+    again.startService()
+    try:
+        assert again.state.draining == {"b"}
+        b2, tb2 = connect(again)
+        b2.dataReceived(framed(wire.encode(T.HEARTBEAT, name=b"b", epoch=2, applied_seq=0)))
+        ((mtype, reply),) = unframe(tb2.value())
+        assert mtype == T.HEARTBEAT_REPLY and reply.lease_ms == 0
+        reactor2.advance(again.lease_ms / 1000.0)
+        assert members(again.state) == ["a", "b"]
+        reactor2.advance(again.heartbeat_interval)
+        assert members(again.state) == ["a"] and "b" not in again.state.nodes
+        assert again.state.draining == set()
+        assert b'"draining": []' in again.state.to_json()
+    finally:
+        again.stopService()
+
+
 def test_the_last_member_is_not_removed_on_request(master):
     m, reactor, clock = master
     m.state.chain_length = 1

@@ -131,8 +131,6 @@ class MasterService(service.MultiService):
         self.state = MasterState(chains, chain_length)
         self._detector: LoopingCall | None = None
         self.subscribers: set[MasterProtocol] = set()
-        #: Tails being removed on request: they get no more read leases.
-        self.draining: set[str] = set()
         self._env: lmdb.Environment | None = None
         self._lock_fd: int | None = None
         self._ports: list[IListeningPort] = []
@@ -156,7 +154,7 @@ class MasterService(service.MultiService):
     def heartbeat_reply(self, name: str = "") -> bytes:
         return wire.encode(
             T.HEARTBEAT_REPLY,
-            lease_ms=0 if name in self.draining else self.lease_ms,
+            lease_ms=0 if name in self.state.draining else self.lease_ms,
             interval_ms=int(self.heartbeat_interval * 1000),
         )
 
@@ -174,8 +172,9 @@ class MasterService(service.MultiService):
         if chain is not None and len(chain.members) <= 1:
             return f"error: {name} is the last member of chain {chain.chain_id}; not removed"
         if chain is not None and chain.members[-1] == name:
-            self.draining.add(name)
-            delay = self.lease_ms / 1000.0 + self.heartbeat_interval
+            self.state.draining.add(name)
+            self.save()
+            delay = self._drain_delay()
             self.reactor.callLater(delay, self._finish_removal, name)
             return (
                 f"{name} is the tail of chain {chain.chain_id}: its read lease is no longer "
@@ -184,8 +183,13 @@ class MasterService(service.MultiService):
         self._finish_removal(name)
         return f"{name} removed"
 
+    def _drain_delay(self) -> float:
+        """How long a draining tail's last lease may still run."""
+        return self.lease_ms / 1000.0 + self.heartbeat_interval
+
     def _finish_removal(self, name: str) -> None:
-        self.draining.discard(name)
+        drained = name in self.state.draining
+        self.state.draining.discard(name)
         if self.state.forget(name):
             self.log.info(
                 "node {name} removed on request; chains: {chains}",
@@ -193,6 +197,8 @@ class MasterService(service.MultiService):
                 chains=self.state.describe(),
             )
             self.changed()
+        elif drained:
+            self.save()  # refused meanwhile (now the last member): not draining any more
 
     def startService(self) -> None:
         super().startService()
@@ -213,6 +219,11 @@ class MasterService(service.MultiService):
             )
         # Nobody is blamed for the time the master itself was away.
         self.state.grace(self.clock())
+        # Removals on request that a stop interrupted: the tails get no
+        # lease from us from now on; their last one from before runs out
+        # within the same delay.
+        for name in sorted(self.state.draining):
+            self.reactor.callLater(self._drain_delay(), self._finish_removal, name)
         self._detector = LoopingCall(self.detect_failures)
         self._detector.clock = self.reactor
         self._detector.start(self.heartbeat_interval, now=False).addErrback(

@@ -55,6 +55,10 @@ class MasterState:
         self.reported: dict[str, int] = {}
         #: C{reported} grew since it was last persisted.
         self.reports_unsaved = False
+        #: Tails being removed on request (admin C{remove}): they get no
+        #: more read leases until they are gone.  Persisted, so a master
+        #: restarted meanwhile finishes the removal.
+        self.draining: set[str] = set()
         #: Chains seen with every member silent (a whole-chain stop).
         self._stopped: set[int] = set()
 
@@ -341,6 +345,7 @@ class MasterState:
                 "nodes": {n: {"host": m.host, "port": m.port} for n, m in self.nodes.items()},
                 "spares": self.spares,
                 "reported": self.reported,
+                "draining": sorted(self.draining),
             },
             sort_keys=True,
         ).encode()
@@ -363,4 +368,5 @@ class MasterState:
         state.spares = list(d["spares"])
         # Absent from a state saved before reports were persisted.
         state.reported = {n: int(v) for n, v in d.get("reported", {}).items()}
+        state.draining = set(d.get("draining", ()))
         return state
