@@ -207,6 +207,27 @@ def register(p, name: str, port: int) -> None:
     )
 
 
+def chain_a_b(m: MasterService):
+    """Nodes a and b register: the chain a -> b.  Their connections and transports."""
+    a, ta = connect(m)
+    b, tb = connect(m)
+    register(a, "a", 7001)
+    register(b, "b", 7002)
+    return a, ta, b, tb
+
+
+def restarted(m: MasterService, clock) -> tuple[MasterService, MemoryReactorClock]:
+    """Stop C{m}, then start a new master on its directory (stop it when done)."""
+    m.stopService()
+    reactor = MemoryReactorClock()
+    again = MasterService(
+        listen="tcp:0:interface=127.0.0.1", data_dir=m.data_dir, chain_length=2,
+        heartbeat_interval=1.0, failure_timeout=5.0, reactor=reactor, clock=clock,
+    )  # fmt: skip
+    again.startService()
+    return again, reactor
+
+
 def test_a_second_master_on_the_same_directory_is_refused(master, tmp_path):
     from ckv.dirlock import DirectoryInUse
 
@@ -226,23 +247,14 @@ def test_a_second_master_on_the_same_directory_is_refused(master, tmp_path):
 def test_new_reports_are_saved_once_per_detection_round(master):
     """Between configuration changes, reports reach the disk every heartbeat interval."""
     m, reactor, clock = master
-    pa, _ = connect(m)
-    register(pa, "a", 7001)
-    pb, _ = connect(m)
-    register(pb, "b", 7002)
+    chain_a_b(m)
     for name in ("a", "b"):
         m.state.heartbeat(name, clock(), committed_seq=40)
     assert m.state.reports_unsaved
     clock.now += 1.0
     reactor.advance(1.0)  # one failure-detection round
     assert not m.state.reports_unsaved
-    data_dir = m.data_dir
-    m.stopService()
-    again = MasterService(
-        listen="tcp:0:interface=127.0.0.1", data_dir=data_dir, chain_length=2,
-        reactor=MemoryReactorClock(), clock=clock,
-    )  # fmt: skip
-    again.startService()
+    again, _ = restarted(m, clock)
     try:
         assert again.state.reported == {"a": 40, "b": 40}
         assert again.state.lost_data("b", 0, 39)
@@ -264,10 +276,7 @@ def test_register_gets_config_and_a_lease(master):
 
 def test_a_node_that_stops_heartbeating_is_removed_and_everyone_is_told(master):
     m, reactor, clock = master
-    a, ta = connect(m)
-    b, tb = connect(m)
-    register(a, "a", 7001)
-    register(b, "b", 7002)
+    _, _, b, _ = chain_a_b(m)
     watcher, tw = connect(m)
     watcher.dataReceived(framed(wire.encode(T.WATCH, name=b"d")))
     first = ClusterConfig.from_wire(unframe(tw.value())[-1][1])
@@ -315,10 +324,7 @@ def test_planned_removal_of_a_middle_is_immediate_and_forgets_the_node(master):
 
 def test_planned_removal_of_the_tail_waits_for_its_lease(master):
     m, reactor, clock = master
-    a, _ = connect(m)
-    b, tb = connect(m)
-    register(a, "a", 7001)
-    register(b, "b", 7002)
+    a, _, b, tb = chain_a_b(m)
     assert members(m.state) == ["a", "b"]
     answer = m.planned_remove("b")
     assert "read lease is no longer renewed" in answer
@@ -335,19 +341,9 @@ def test_planned_removal_of_the_tail_waits_for_its_lease(master):
 def test_a_master_restarted_while_a_tail_drains_finishes_the_removal(master):
     """The removal on request outlives a master restart: no lease, then out."""
     m, reactor, clock = master
-    a, _ = connect(m)
-    b, _ = connect(m)
-    register(a, "a", 7001)
-    register(b, "b", 7002)
+    chain_a_b(m)
     assert "read lease is no longer renewed" in m.planned_remove("b")
-    data_dir = m.data_dir
-    m.stopService()
-    reactor2 = MemoryReactorClock()
-    again = MasterService(
-        listen="tcp:0:interface=127.0.0.1", data_dir=data_dir, chain_length=2,
-        heartbeat_interval=1.0, failure_timeout=5.0, reactor=reactor2, clock=clock,
-    )  # fmt: skip
-    again.startService()
+    again, reactor2 = restarted(m, clock)
     try:
         assert again.state.draining == {"b"}
         b2, tb2 = connect(again)
