@@ -247,17 +247,22 @@ class Store:
         try:
             self._open()
         except BaseException:
-            # Let nothing stay open once the lock goes: another process
-            # may take the directory as soon as it is released.
-            self._join_checkpointer()
-            for w in self._wals:
-                w.close()
-            self._wals, self._active, self._frozen = [], None, None
-            if self.env is not None:
-                self.env.close()
-                self.env = None
-            self._unlock()
+            self._release()
             raise
+
+    def _release(self) -> None:
+        """
+        Close the log files and the environment, then let the directory
+        go (last: another process may take it as soon as it is free).
+        """
+        self._join_checkpointer()
+        for w in self._wals:
+            w.close()
+        self._wals, self._active, self._frozen = [], None, None
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+        self._unlock()
 
     def _unlock(self) -> None:
         unlock_directory(self._lock_fd)
@@ -342,14 +347,7 @@ class Store:
             else:
                 self.env.sync(True)
         finally:
-            self._join_checkpointer()
-            for w in self._wals:
-                w.close()
-            self._wals = []
-            self._active = None
-            self.env.close()
-            self.env = None
-            self._unlock()
+            self._release()
 
     def _env(self) -> lmdb.Environment:
         if self.env is None:

@@ -363,9 +363,10 @@ class MasterService(service.MultiService):
 
     def save(self) -> None:
         """
-        Persist the state.  Besides every configuration change, once per
-        failure-detection round if nodes reported new committed seqs: a
-        master restart forgets at most one heartbeat interval of reports.
+        Persist the state: at every configuration change, when a drain
+        starts or ends, and once per failure-detection round if nodes
+        reported new committed seqs (so a master restart forgets at most
+        one heartbeat interval of reports).
         """
         assert self._env is not None
         with self._env.begin(write=True, db=self._db) as txn:
