@@ -88,6 +88,11 @@ _STORE_ID = b"store_id"
 CHECKPOINT_ENTRIES = 65536
 #: The same bound in bytes of log (large values).
 CHECKPOINT_BYTES = 16 << 20
+#: While a checkpoint runs, the next layer may grow to this many times the
+#: bounds above; then commits wait for the checkpoint.  It never comes to
+#: that unless the disk is far too slow for the write rate, and it bounds
+#: what memory holds and a crash replays to two layers of twice the bounds.
+FAR_BEHIND = 2
 
 _WAL_FILES = ("wal.0", "wal.1")
 #: Log record payload: flags, prune_sent_upto, epoch, chain_id, session time, entry count.
@@ -631,8 +636,8 @@ class Store:
                 active = self._active
                 assert active is not None
                 if (
-                    active.entries < 4 * self.checkpoint_entries
-                    and active.bytes < 4 * self.checkpoint_bytes
+                    active.entries < FAR_BEHIND * self.checkpoint_entries
+                    and active.bytes < FAR_BEHIND * self.checkpoint_bytes
                 ):
                     return
                 running.join()  # far behind: wait rather than grow without bound

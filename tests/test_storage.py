@@ -780,6 +780,33 @@ def test_a_key_lmdb_cannot_store_is_never_logged(tmp_path, key):
         s.close()
 
 
+def test_commits_wait_for_a_checkpoint_that_falls_far_behind(tmp_path):
+    """Backpressure: the next layer grows to FAR_BEHIND times the bound, no further."""
+    from ckv.storage import FAR_BEHIND
+
+    s = make_store(tmp_path / "db", checkpoint_entries=2)
+    waited_at: list[int] = []
+
+    class Stuck:  # a checkpoint that does not end until waited for
+        def is_alive(self) -> bool:
+            return True
+
+        def join(self) -> None:
+            waited_at.append(s._active.entries)
+
+    s._checkpointer = Stuck()
+    try:
+        for seq in range(1, FAR_BEHIND * 2 + 1):
+            s.commit(Batch([entry(seq, key=b"k%d" % seq)]))
+        assert waited_at == []  # up to the limit, commits go on
+        s.commit(Batch([entry(FAR_BEHIND * 2 + 1, key=b"last")]))
+        assert waited_at == [FAR_BEHIND * 2]
+        s._join_checkpointer()
+        assert s.get(b"k1") == b"v" and s.get(b"last") == b"v"
+    finally:
+        s.close()
+
+
 def test_after_a_failed_sync_nothing_more_is_logged(tmp_path, monkeypatch):
     """
     The record of a failed append may be on the disk anyway: no other
