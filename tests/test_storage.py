@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lmdb
 import pytest
@@ -40,11 +42,20 @@ def make_store(path, config: str = "durable", **kw) -> Store:
     return s
 
 
+@contextmanager
+def opened(path, config: str = "durable", **kw) -> Iterator[Store]:
+    """A store made with L{make_store}, closed at the end of the block."""
+    s = make_store(path, config, **kw)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 @pytest.fixture(params=list(CONFIGS))
 def store(tmp_path, request):
-    s = make_store(tmp_path / "db", request.param)
-    yield s
-    s.close()
+    with opened(tmp_path / "db", request.param) as s:
+        yield s
 
 
 def reopen(s: Store) -> Store:
@@ -359,9 +370,8 @@ class FakeWallClock:
 @pytest.fixture(params=list(CONFIGS))
 def timed_store(tmp_path, request):
     clock = FakeWallClock()
-    s = make_store(tmp_path / "db", request.param, clock=clock)
-    yield s, clock
-    s.close()
+    with opened(tmp_path / "db", request.param, clock=clock) as s:
+        yield s, clock
 
 
 def sessions_of(store: Store) -> dict[bytes, tuple[int, int]]:
@@ -553,14 +563,11 @@ def test_a_torn_last_record_loses_only_that_batch(tmp_path):
     end = s._active.wal.offset
     crash(s)
     os.truncate(path, end - 3)
-    s = make_store(tmp_path / "db")
-    try:
+    with opened(tmp_path / "db") as s:
         rec = s.recover()
         assert rec.applied_seq == 4
         assert s.get(b"c") == b"3" and s.get(b"a") is None
         assert s.session(session_key(CID2, 0)) is None  # the third batch's
-    finally:
-        s.close()
 
 
 def test_a_clean_close_leaves_nothing_to_replay(tmp_path, reference):
@@ -576,8 +583,7 @@ def test_a_clean_close_leaves_nothing_to_replay(tmp_path, reference):
 
 
 def test_a_checkpoint_moves_the_log_into_lmdb(tmp_path):
-    s = make_store(tmp_path / "db", checkpoint_entries=4)
-    try:
+    with opened(tmp_path / "db", checkpoint_entries=4) as s:
         for seq in range(1, 4):
             s.commit(Batch([entry(seq, key=b"k%d" % seq)]))
         assert (s.checkpoints, s.stats()["wal_entries"]) == (0, 3)
@@ -591,21 +597,16 @@ def test_a_checkpoint_moves_the_log_into_lmdb(tmp_path):
             assert [txn.get(b"k%d" % i, db=s._data) for i in range(1, 7)] == [b"v"] * 5 + [None]
             assert s._meta_u64(txn, b"wal_lsn") == 4  # the four records checkpointed
         assert [s.get(b"k%d" % i) for i in range(1, 7)] == [b"v"] * 6
-    finally:
-        s.close()
 
 
 def test_a_checkpoint_by_bytes(tmp_path):
-    s = make_store(tmp_path / "db", checkpoint_bytes=10_000)
-    try:
+    with opened(tmp_path / "db", checkpoint_bytes=10_000) as s:
         for seq in range(1, 8):
             s.commit(Batch([entry(seq, key=b"k%d" % seq, value=b"x" * 4000)]))
             s._join_checkpointer()
         # Three records pass 10,000 bytes: the 4th and the 7th commit checkpoint first.
         assert s.checkpoints == 2
         assert s.stats()["keys"] == 7
-    finally:
-        s.close()
 
 
 def test_a_wipe_forgets_what_was_logged(tmp_path):
@@ -623,12 +624,9 @@ def test_a_wipe_forgets_what_was_logged(tmp_path):
     assert s.digest()[2] == 10 and s.snapshot(100)[0] == 10
     s.commit(Batch([entry(11, key=b"newer")]))
     crash(s)
-    s = make_store(tmp_path / "db")
-    try:
+    with opened(tmp_path / "db") as s:
         assert s.items() == [(b"new", b"1"), (b"newer", b"v")]
         assert s.recover().applied_seq == 11
-    finally:
-        s.close()
 
 
 def test_snapshot_and_digest_include_the_log(tmp_path):
@@ -723,13 +721,10 @@ def test_a_crash_around_a_background_checkpoint_loses_nothing(tmp_path, crash_po
     assert s.checkpoints == (0 if crash_point == "frozen, not written" else 1)
     expected = state_of(s)
     crash(s)
-    s = make_store(tmp_path / "db")
-    try:
+    with opened(tmp_path / "db") as s:
         assert state_of(s) == expected
         assert s.recover().applied_seq == seq
         assert [e.seq for e in s.recover().sent] == list(range(seq - 2, seq + 1))
-    finally:
-        s.close()
 
 
 def test_a_full_map_in_a_background_checkpoint(tmp_path):
@@ -839,12 +834,9 @@ def test_after_a_failed_sync_nothing_more_is_logged(tmp_path, monkeypatch):
         s.commit(Batch([entry(5, key=b"k5")]))
     assert s._frozen is None  # nothing was handed over: still one file
     crash(s)
-    s = make_store(tmp_path / "db")
-    try:
+    with opened(tmp_path / "db") as s:
         assert s.recover().applied_seq in (4, 5)  # the failed record may or may not count
         assert [s.get(b"k%d" % i) for i in (1, 2, 3, 4)] == [b"v"] * 4
-    finally:
-        s.close()
 
 
 def test_a_wipe_skips_the_lsn_a_failed_append_may_have_left(tmp_path, monkeypatch):
@@ -859,11 +851,8 @@ def test_a_wipe_skips_the_lsn_a_failed_append_may_have_left(tmp_path, monkeypatc
     s.put_snapshot_items([(wire.SNAPSHOT_DB_DATA, b"k", b"from-snapshot")])
     s.finish_snapshot(10, 3, 1)
     crash(s)
-    s = make_store(tmp_path / "db")
-    try:
+    with opened(tmp_path / "db") as s:
         assert s.items() == [(b"k", b"from-snapshot")] and s.recover().applied_seq == 10
-    finally:
-        s.close()
 
 
 def test_a_log_left_by_a_durable_run_is_replayed_in_replicated_mode(tmp_path):
@@ -877,11 +866,8 @@ def test_a_log_left_by_a_durable_run_is_replayed_in_replicated_mode(tmp_path):
     assert not [n for n in os.listdir(s.path) if n.startswith("wal.")]
     s.commit(Batch([entry(3, key=b"k", value=b"three")]))
     s.close()
-    s = make_store(tmp_path / "db")
-    try:
+    with opened(tmp_path / "db") as s:
         assert s.get(b"k") == b"three" and s.recover().applied_seq == 3
-    finally:
-        s.close()
 
 
 def test_a_log_left_next_to_new_lmdb_files_is_not_replayed(tmp_path):
