@@ -88,21 +88,11 @@ def cpu_line(before: dict[str, float | None], after: dict[str, float | None],
 
 
 def _disk_writer(path: str, seconds: float, puts: int, out: Any) -> None:
-    """One writer as a durable node commits: a log record of `puts` updates, synced."""
-    sys.path.insert(0, REPO)
-    from ckv.wal import WriteAheadLog
+    """One writer as a durable node commits: wal_bench's log writer (records of `puts` updates)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from wal_bench import wal_writer
 
-    log = WriteAheadLog(os.path.join(path, "wal.0"))
-    log.open()
-    record = os.urandom(puts * 150)  # an update of a 100-byte value, encoded
-    commits, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        commits += 1
-        log.append(commits, record)
-        if log.offset > 4 << 20:  # as after a checkpoint
-            log.rewind()
-    out.put(commits / (time.perf_counter() - started))
-    log.close()
+    wal_writer(path, puts, seconds, out)
 
 
 def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
@@ -127,7 +117,8 @@ def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
         os.makedirs(os.path.join(workdir, f"w{i}"), exist_ok=True)
         p.start()
     try:
-        rates = [out.get(timeout=seconds + 60) for _ in procs]
+        # Each reports (commits, seconds, CPU seconds).
+        rates = [n / elapsed for n, elapsed, _ in (out.get(timeout=seconds + 60) for _ in procs)]
     except queue.Empty:
         codes = [p.exitcode for p in procs]
         raise RuntimeError(

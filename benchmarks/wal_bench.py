@@ -47,7 +47,7 @@ def lmdb_writer(path: str, puts: int, seconds: float, out: multiprocessing.Queue
 
 
 def wal_writer(path: str, puts: int, seconds: float, out: multiprocessing.Queue) -> None:
-    log = WriteAheadLog(os.path.join(path, "wal.log"))
+    log = WriteAheadLog(os.path.join(path, "wal.0"))  # named as a node names its first log
     log.open()
     record = os.urandom(puts * 150)
     n, cpu, t0 = 0, _cpu(), time.perf_counter()
