@@ -133,6 +133,8 @@ def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
 
 def start_cluster(workdir: str, sync: str, chains: int) -> tuple[subprocess.Popen[bytes], dict]:
     ready = os.path.join(workdir, "ready.json")
+    # Its errors (say a process that died while starting) are all we show.
+    errors = open(os.path.join(workdir, "local.err"), "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "ckv.cli", "local", "-q",
@@ -142,12 +144,15 @@ def start_cluster(workdir: str, sync: str, chains: int) -> tuple[subprocess.Pope
         ],
         # cwd: `python -m` puts the working directory first on sys.path, so
         # run from another checkout this would benchmark that one's code.
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=errors,
     )  # fmt: skip
+    errors.close()  # the child has its own copy
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"ckv local exited with status {proc.returncode}")
+            with open(errors.name, errors="replace") as f:
+                why = f.read().strip()
+            raise SystemExit(f"ckv local exited with status {proc.returncode}:\n{why}")
         try:
             with open(ready) as f:
                 return proc, json.load(f)
