@@ -673,6 +673,12 @@ class Store:
             self._frozen = active
             self._active = _Logged(other)
 
+    @property
+    def checkpointing(self) -> bool:
+        """A checkpoint is being written on its own thread (holding LMDB's write lock)."""
+        running = self._checkpointer
+        return running is not None and running.is_alive()
+
     def _join_checkpointer(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.join()

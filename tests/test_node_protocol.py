@@ -591,6 +591,38 @@ def test_sweep_chunks_and_commits_take_turns(tmp_path, request, monkeypatch):
     assert node.store.get(b"k") == b"w"
 
 
+def test_a_sweep_chunk_waits_for_a_checkpoint_in_progress(tmp_path, request, monkeypatch):
+    """
+    A chunk's write transaction would wait for the checkpoint's, and every
+    commit behind it: it runs once the checkpoint is over; commits go on.
+    """
+    from ckv.chain.service import SWEEP_RETRY
+
+    busy = [True]
+    monkeypatch.setattr(Store, "checkpointing", property(lambda self: busy[0]))
+    now = [1_000_000.0]
+    node = make_node(tmp_path, request, "n1")
+    node.session_ttl = 100.0
+    node.store.clock = lambda: now[0]
+    node.on_config(config("n1"))
+    node.store.commit(Batch([Entry(1, CID_A, 0, 1, int(Op.PUT), 0, b"k", b"v")]))
+    now[0] += 200
+    done = node.expire_sessions()
+    node.reactor.advance(SWEEP_RETRY)
+    assert not done.called and not node._sweeping
+    retry = node._sweep_retry
+    assert retry is not None and retry.active()
+    proto, tr = connect(node)
+    hello(proto, tr)
+    proto.dataReceived(request_frame(CID_B, 1, b"j", b"w"))
+    assert node.store.get(b"j") == b"w"
+    assert node._sweep_retry is retry  # the commit's end armed no second timer
+    busy[0] = False
+    node.reactor.advance(SWEEP_RETRY)
+    assert done.result == 1
+    assert node.store.session(session_key(CID_A, 0)) is None
+
+
 def test_a_failed_sweep_is_given_up_and_the_node_goes_on(tmp_path, request, monkeypatch):
     """A sweep whose transaction fails (map full, store closing) ends; commits go on."""
     node = make_node(tmp_path, request, "n1")

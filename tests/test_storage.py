@@ -794,9 +794,11 @@ def test_commits_wait_for_a_checkpoint_that_falls_far_behind(tmp_path):
         for seq in range(1, FAR_BEHIND * 2 + 1):
             s.commit(Batch([entry(seq, key=b"k%d" % seq)]))
         assert waited_at == []  # up to the limit, commits go on
+        assert s.checkpointing
         s.commit(Batch([entry(FAR_BEHIND * 2 + 1, key=b"last")]))
         assert waited_at == [FAR_BEHIND * 2]
         s._join_checkpointer()
+        assert not s.checkpointing
         assert s.get(b"k1") == b"v" and s.get(b"last") == b"v"
     finally:
         s.close()

@@ -16,7 +16,7 @@ from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread, deferToThreadPool
@@ -44,6 +44,9 @@ from ckv.wire import MessageType as T
 
 #: Sessions looked at per write transaction of a sweep (about a millisecond).
 SWEEP_CHUNK = 1000
+
+#: How soon a sweep chunk held back by a checkpoint in progress tries again.
+SWEEP_RETRY = 0.05
 
 
 def session_sweep_interval(ttl: float) -> float:
@@ -297,6 +300,8 @@ class NodeService(service.MultiService):
         #: A sweep chunk is being written (no commit may start meanwhile).
         self._sweeping = False
         self._sweep_waiters: list[defer.Deferred[int]] = []
+        #: The next try of a chunk held back by a checkpoint.
+        self._sweep_retry: IDelayedCall | None = None
         #: When each REGISTER/HEARTBEAT still unanswered was sent (the
         #: master answers in order on one connection).
         self.heartbeats_sent: deque[float] = deque()
@@ -434,6 +439,8 @@ class NodeService(service.MultiService):
             self._syncer.stop()
         if self._session_sweeper is not None and self._session_sweeper.running:
             self._session_sweeper.stop()
+        if self._sweep_retry is not None and self._sweep_retry.active():
+            self._sweep_retry.cancel()
         if self._pool is not None:
             self._pool.stop()
         while self._digests:
@@ -821,6 +828,12 @@ class NodeService(service.MultiService):
             or self.replica.busy
             or self.receiving_snapshot
         ):
+            return False
+        if self.store.checkpointing:
+            # The chunk's write transaction would wait for the checkpoint's
+            # (a second or more on a busy disk), and every commit behind it.
+            if self._sweep_retry is None or not self._sweep_retry.active():
+                self._sweep_retry = self.reactor.callLater(SWEEP_RETRY, self._sweep_step)
             return False
         self._sweeping = True
         d = self._store_call(
