@@ -4,6 +4,7 @@ Benchmark a chain of three on this machine, the way the README quotes it:
     python benchmarks/chain_bench.py [--sync durable|replicated|both]
                                      [--duration 10] [--concurrency 32]
                                      [--chains N] [--direct] [--cpu]
+                                     [--repeat N]
 
 For each sync mode it starts `ckv local --base-port 0` in a temporary
 directory (a master, three nodes and a dispatcher, each its own process),
@@ -18,7 +19,10 @@ Before the durable runs it prints what the disk gives right now: three
 processes appending a batch of 16 updates to a write-ahead log and syncing
 it, at once, as durable nodes commit (--no-disk skips it).  Durable
 throughput follows that figure, and on a shared virtual disk it moves by a
-third from one minute to the next: quote it with the results.
+third from one minute to the next: quote it with the results.  So does
+the throughput of a single run: --repeat N runs each mode N times on
+fresh clusters, the modes taking turns, and ends with the median, min and
+max of each workload.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import queue
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,6 +184,59 @@ def bench(
     return json.loads(out.stdout)
 
 
+def run_mode(sync: str, args: argparse.Namespace) -> dict[str, dict]:
+    """One fresh cluster in C{sync} mode: the write then the read workload; their results."""
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="ckv-bench-") as work:
+        if sync == "durable" and not args.no_disk:
+            rate, ms = disk_calibration(work)
+            print(f"# disk now: 3 writers, log append + fdatasync, 16 updates per commit: "
+                  f"{rate:.0f} commits/s in all, {ms:.2f} ms per commit", flush=True)
+        proc, info = start_cluster(work, sync, args.chains)
+        try:
+            pids = {name: n["pid"] for name, n in info["nodes"].items()}
+            pids.update({k: info[k]["pid"] for k in ("master", "dispatcher")})
+            for workload in ("write", "read"):
+                cpu_before = {"client": children_cpu_seconds()}
+                cpu_before.update({k: cpu_seconds(p) for k, p in sorted(pids.items())})
+                started = time.monotonic()
+                r = bench(info["connect"], workload, args.duration, args.concurrency, args.direct)
+                # The client's share counts its start-up and, for reads,
+                # the preload; the servers' counts the preload too.
+                elapsed = time.monotonic() - started
+                cpu_after = {"client": children_cpu_seconds()}
+                cpu_after.update({k: cpu_seconds(p) for k, p in sorted(pids.items())})
+                results[workload] = r
+                print(
+                    f"{sync:10s} {workload:5s} {r['ops_per_s']:9.0f} ops/s  "
+                    f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                    f"p99.9 {r['p999_ms']:6.2f} ms  errors {r['errors']}  "
+                    f"unavailable {r['unavailable']}",
+                    flush=True,
+                )
+                if args.cpu:
+                    ops = r["ops"] + (r.get("preload", {}).get("ops", 0))
+                    line = cpu_line(cpu_before, cpu_after, elapsed, ops)
+                    print(f"{sync:10s} cpu   {line}", flush=True)
+            mem = ", ".join(f"{k} {rss_mb(p) or 0:.0f} MB" for k, p in sorted(pids.items()))
+            print(f"{sync:10s} rss   {mem}", flush=True)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+    return results
+
+
+def summary_line(sync: str, workload: str, runs: list[dict]) -> str:
+    """The spread of C{runs} of one workload (one run alone says little on a drifting machine)."""
+    ops = sorted(r["ops_per_s"] for r in runs)
+    p99 = sorted(r["p99_ms"] for r in runs)
+    return (
+        f"{sync:10s} {workload:5s} median {statistics.median(ops):6.0f} ops/s "
+        f"(min {ops[0]:.0f}, max {ops[-1]:.0f})  p99 median {statistics.median(p99):6.2f} ms "
+        f"(max {p99[-1]:.2f})  over {len(runs)} runs"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sync", choices=["durable", "replicated", "both"], default="both")
@@ -190,49 +248,30 @@ def main() -> None:
                     help="also print each process's CPU: share of one core, and per operation")
     ap.add_argument("--no-disk", action="store_true",
                     help="skip the disk calibration printed before the durable runs")
+    ap.add_argument("--repeat", type=positive_int, default=1, metavar="N",
+                    help="N runs per mode, each on a fresh cluster, modes taking turns; "
+                         "then the median, min and max of each workload")
     args = ap.parse_args()
     modes = ["durable", "replicated"] if args.sync == "both" else [args.sync]
     print(f"# {args.chains} chain(s) of 3 on loopback, {os.cpu_count()} cores, "
           f"{args.concurrency} in flight, 100-byte values, {args.duration:g} s per workload, "
           f"{'direct' if args.direct else 'through the dispatcher'}")  # fmt: skip
-    for sync in modes:
-        with tempfile.TemporaryDirectory(prefix="ckv-bench-") as work:
-            if sync == "durable" and not args.no_disk:
-                rate, ms = disk_calibration(work)
-                print(f"# disk now: 3 writers, log append + fdatasync, 16 updates per commit: "
-                      f"{rate:.0f} commits/s in all, {ms:.2f} ms per commit", flush=True)
-            proc, info = start_cluster(work, sync, args.chains)
-            try:
-                pids = {name: n["pid"] for name, n in info["nodes"].items()}
-                pids.update({k: info[k]["pid"] for k in ("master", "dispatcher")})
-                for workload in ("write", "read"):
-                    cpu_before = {"client": children_cpu_seconds()}
-                    cpu_before.update({k: cpu_seconds(p) for k, p in sorted(pids.items())})
-                    started = time.monotonic()
-                    r = bench(
-                        info["connect"], workload, args.duration, args.concurrency, args.direct
-                    )
-                    # The client's share counts its start-up and, for reads,
-                    # the preload; the servers' counts the preload too.
-                    elapsed = time.monotonic() - started
-                    cpu_after = {"client": children_cpu_seconds()}
-                    cpu_after.update({k: cpu_seconds(p) for k, p in sorted(pids.items())})
-                    print(
-                        f"{sync:10s} {workload:5s} {r['ops_per_s']:9.0f} ops/s  "
-                        f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-                        f"p99.9 {r['p999_ms']:6.2f} ms  errors {r['errors']}  "
-                        f"unavailable {r['unavailable']}",
-                        flush=True,
-                    )
-                    if args.cpu:
-                        ops = r["ops"] + (r.get("preload", {}).get("ops", 0))
-                        line = cpu_line(cpu_before, cpu_after, elapsed, ops)
-                        print(f"{sync:10s} cpu   {line}", flush=True)
-                mem = ", ".join(f"{k} {rss_mb(p) or 0:.0f} MB" for k, p in sorted(pids.items()))
-                print(f"{sync:10s} rss   {mem}", flush=True)
-            finally:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(60)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeat):
+        for sync in modes:
+            for workload, r in run_mode(sync, args).items():
+                runs.setdefault((sync, workload), []).append(r)
+    if args.repeat > 1:
+        print("# summary")
+        for (sync, workload), rs in runs.items():
+            print(summary_line(sync, workload, rs), flush=True)
+
+
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
 
 
 if __name__ == "__main__":

@@ -62,3 +62,24 @@ def test_the_processes_run_from_this_checkout(monkeypatch, tmp_path: Path) -> No
     cb.start_cluster(str(tmp_path), "durable", 1)
     cb.bench("tcp:x", "write", 1.0, 1, False)
     assert [kw["cwd"] for kw in seen] == [str(ROOT), str(ROOT)]
+
+
+def test_repeated_runs_are_summed_up_by_their_spread() -> None:
+    """--repeat: the median, min and max of a workload's runs, and the worst p99."""
+    import argparse
+
+    import pytest
+
+    cb = load_chain_bench()
+    runs = [
+        {"ops_per_s": 5100.0, "p99_ms": 11.0},
+        {"ops_per_s": 4300.0, "p99_ms": 16.5},
+        {"ops_per_s": 4800.0, "p99_ms": 12.0},
+    ]
+    line = cb.summary_line("durable", "write", runs)
+    assert "median   4800 ops/s (min 4300, max 5100)" in line
+    assert "p99 median  12.00 ms (max 16.50)" in line
+    assert line.endswith("over 3 runs")
+    assert cb.positive_int("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError):
+        cb.positive_int("0")
