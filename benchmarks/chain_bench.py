@@ -138,33 +138,40 @@ def disk_calibration(workdir: str, writers: int = 3, seconds: float = 3.0,
 
 def start_cluster(workdir: str, sync: str, chains: int) -> tuple[subprocess.Popen[bytes], dict]:
     ready = os.path.join(workdir, "ready.json")
-    # Its errors (say a process that died while starting) are all we show.
-    errors = open(os.path.join(workdir, "local.err"), "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "ckv.cli", "local", "-q",
-            "--data-dir", os.path.join(workdir, "data"),
-            "--base-port", "0", "--sync", sync, "--ready-file", ready,
-            "--chains", str(chains), "--nodes", str(3 * chains),
-        ],
-        # cwd: `python -m` puts the working directory first on sys.path, so
-        # run from another checkout this would benchmark that one's code.
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=errors,
-    )  # fmt: skip
-    errors.close()  # the child has its own copy
+    # What ckv local prints on its standard error (say a process that died
+    # while starting, with its log's tail) is shown if it does not start.
+    errors = os.path.join(workdir, "local.err")
+    with open(errors, "wb") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "ckv.cli", "local", "-q",
+                "--data-dir", os.path.join(workdir, "data"),
+                "--base-port", "0", "--sync", sync, "--ready-file", ready,
+                "--chains", str(chains), "--nodes", str(3 * chains),
+            ],
+            # cwd: `python -m` puts the working directory first on sys.path,
+            # so run from another checkout this would benchmark that one's code.
+            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            with open(errors.name, errors="replace") as f:
-                why = f.read().strip()
-            raise SystemExit(f"ckv local exited with status {proc.returncode}:\n{why}")
+            raise SystemExit(
+                f"ckv local exited with status {proc.returncode}:\n{_read(errors)}"
+            )
         try:
             with open(ready) as f:
                 return proc, json.load(f)
         except (OSError, ValueError):
             time.sleep(0.1)
     proc.kill()
-    raise SystemExit("ckv local did not become ready within 60 s")
+    proc.wait()
+    raise SystemExit(f"ckv local did not become ready within 60 s:\n{_read(errors)}")
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read().strip()
 
 
 def bench(

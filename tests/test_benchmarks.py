@@ -83,3 +83,28 @@ def test_repeated_runs_are_summed_up_by_their_spread() -> None:
     assert cb.positive_int("3") == 3
     with pytest.raises(argparse.ArgumentTypeError):
         cb.positive_int("0")
+
+
+def test_a_cluster_that_does_not_start_says_why(monkeypatch, tmp_path: Path) -> None:
+    """What ckv local printed on its standard error is the benchmark's error message."""
+    import subprocess
+
+    import pytest
+
+    cb = load_chain_bench()
+
+    class Died:
+        returncode = 1
+
+        def __init__(self, args: list[str], **kw: object) -> None:
+            kw["stderr"].write(b"ckv local: n2 (pid 42) exited with status 1\n")  # type: ignore[union-attr]
+
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(subprocess, "Popen", Died)
+    with pytest.raises(SystemExit) as e:
+        cb.start_cluster(str(tmp_path), "durable", 1)
+    assert str(e.value) == (
+        "ckv local exited with status 1:\nckv local: n2 (pid 42) exited with status 1"
+    )

@@ -623,6 +623,86 @@ def test_a_sweep_chunk_waits_for_a_checkpoint_in_progress(tmp_path, request, mon
     assert node.store.session(session_key(CID_A, 0)) is None
 
 
+def test_checkpoints_back_to_back_hold_a_sweep_chunk_back_for_a_while_only(
+    tmp_path, request, monkeypatch
+):
+    """When the disk cannot keep up, checkpoints never stop: the chunk runs anyway."""
+    from ckv.chain.service import SWEEP_HOLD_MAX, SWEEP_RETRY
+
+    monkeypatch.setattr(Store, "checkpointing", property(lambda self: True))
+    now = [1_000_000.0]
+    node = make_node(tmp_path, request, "n1")
+    node.session_ttl = 100.0
+    node.store.clock = lambda: now[0]
+    node.on_config(config("n1"))
+    node.store.commit(Batch([Entry(1, CID_A, 0, 1, int(Op.PUT), 0, b"k", b"v")]))
+    now[0] += 200
+    done = node.expire_sessions()
+    tries = round(SWEEP_HOLD_MAX / SWEEP_RETRY)
+    node.reactor.pump([SWEEP_RETRY] * (tries - 2))
+    assert not done.called
+    node.reactor.pump([SWEEP_RETRY] * 4)
+    assert done.result == 1
+
+
+def test_a_stopping_node_drops_a_held_sweep(tmp_path, monkeypatch):
+    """No chunk and no timer outlive the stop; whoever waits for the sweep is answered."""
+    monkeypatch.setattr(Store, "checkpointing", property(lambda self: True))
+    node = NodeService(
+        name="n1",
+        listen="tcp:0:interface=127.0.0.1",
+        master="tcp:127.0.0.1:1",
+        data_dir=str(tmp_path / "n1"),
+        reactor=MemoryReactorClock(),
+        commit_inline=True,
+        session_ttl=100.0,
+    )
+    node.startService()
+    done = node.expire_sessions()
+    retry = node._sweep_retry
+    assert retry is not None and retry.active() and not done.called
+    stopped = node.stopService()
+    assert stopped.called and not retry.active()
+    assert done.result == 0
+    # Neither a commit nor a chunk that ends after the stop starts anything.
+    assert node._sweep_step() is False
+    node._sweeping = True
+    node._swept((0, b"the next key"))
+    node.reactor.advance(1.0)
+    assert node._sweep_retry is retry and not node._sweeping
+
+
+def test_a_sweep_held_back_by_a_state_transfer_goes_on_when_it_ends(tmp_path, request):
+    """An idle joining node: no commit ends to start the sweep, so the transfer's end does."""
+    from ckv.config import Chain
+    from ckv.storage import _SESSION
+    from tests.fakes import member
+
+    node = make_node(tmp_path, request, "j")
+    node.session_ttl = 100.0
+    node.on_config(ClusterConfig(1, (0,), (Chain(0, 4, (member("t"),), (member("j"),)),)))
+    proto, tr = connect(node)
+    proto.dataReceived(framed(wire.encode(MessageType.CHAIN_HELLO, chain_id=0, epoch=4,
+                                          name=b"t", committed_seq=0)))
+    received(tr)
+
+    def snapshot(phase: int, chunk: int, records: list) -> bytes:
+        return framed(wire.encode(MessageType.SNAPSHOT, epoch=4, phase=phase, seq=1,
+                                  chunk=chunk, records=records))
+
+    proto.dataReceived(snapshot(wire.SNAPSHOT_BEGIN, 0, []))
+    assert node.receiving_snapshot
+    done = node.expire_sessions()
+    stale = {"db": wire.SNAPSHOT_DB_SESSIONS, "key": session_key(CID_A, 0),
+             "value": _SESSION.pack(1, int(Status.OK), 0)}  # recorded at time 0
+    proto.dataReceived(snapshot(wire.SNAPSHOT_DATA, 1, [stale]))
+    assert not done.called
+    proto.dataReceived(snapshot(wire.SNAPSHOT_END, 2, []))
+    assert not node.receiving_snapshot
+    assert done.result == 1
+    assert node.store.session(session_key(CID_A, 0)) is None
+
+
 def test_a_failed_sweep_is_given_up_and_the_node_goes_on(tmp_path, request, monkeypatch):
     """A sweep whose transaction fails (map full, store closing) ends; commits go on."""
     node = make_node(tmp_path, request, "n1")

@@ -775,6 +775,28 @@ def test_a_key_lmdb_cannot_store_is_never_logged(tmp_path, key):
         s.close()
 
 
+def test_checkpointing_is_true_while_the_checkpoint_thread_runs(tmp_path):
+    """What a session sweep asks before it opens a write transaction."""
+    import threading
+
+    s = make_store(tmp_path / "db", checkpoint_entries=2)
+    release = threading.Event()
+    write = s._write_checkpoint
+    s._write_checkpoint = lambda logged: (release.wait(10), write(logged))  # type: ignore[method-assign]
+    try:
+        s.commit(Batch([entry(1, key=b"a")]))
+        s.commit(Batch([entry(2, key=b"b")]))
+        assert not s.checkpointing
+        s.commit(Batch([entry(3, key=b"c")]))  # two entries due: a checkpoint starts
+        assert s.checkpointing
+        release.set()
+        s._checkpointer.join()  # over, though the store has not joined it yet
+        assert s._checkpointer is not None and not s.checkpointing
+    finally:
+        release.set()
+        s.close()
+
+
 def test_commits_wait_for_a_checkpoint_that_falls_far_behind(tmp_path):
     """Backpressure: the next layer grows to FAR_BEHIND times the bound, no further."""
     from ckv.storage import FAR_BEHIND
@@ -794,11 +816,9 @@ def test_commits_wait_for_a_checkpoint_that_falls_far_behind(tmp_path):
         for seq in range(1, FAR_BEHIND * 2 + 1):
             s.commit(Batch([entry(seq, key=b"k%d" % seq)]))
         assert waited_at == []  # up to the limit, commits go on
-        assert s.checkpointing
         s.commit(Batch([entry(FAR_BEHIND * 2 + 1, key=b"last")]))
         assert waited_at == [FAR_BEHIND * 2]
         s._join_checkpointer()
-        assert not s.checkpointing
         assert s.get(b"k1") == b"v" and s.get(b"last") == b"v"
     finally:
         s.close()
