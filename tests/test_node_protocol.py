@@ -591,14 +591,11 @@ def test_sweep_chunks_and_commits_take_turns(tmp_path, request, monkeypatch):
     assert node.store.get(b"k") == b"w"
 
 
-def test_a_sweep_chunk_waits_for_a_checkpoint_in_progress(tmp_path, request, monkeypatch):
+def sweep_under_checkpoints(tmp_path, request, monkeypatch, busy: list[bool]) -> tuple:
     """
-    A chunk's write transaction would wait for the checkpoint's, and every
-    commit behind it: it runs once the checkpoint is over; commits go on.
+    A node holding one session older than its TTL, and the sweep started
+    for it; a checkpoint is being written as long as C{busy[0]}.
     """
-    from ckv.chain.service import SWEEP_RETRY
-
-    busy = [True]
     monkeypatch.setattr(Store, "checkpointing", property(lambda self: busy[0]))
     now = [1_000_000.0]
     node = make_node(tmp_path, request, "n1")
@@ -607,7 +604,18 @@ def test_a_sweep_chunk_waits_for_a_checkpoint_in_progress(tmp_path, request, mon
     node.on_config(config("n1"))
     node.store.commit(Batch([Entry(1, CID_A, 0, 1, int(Op.PUT), 0, b"k", b"v")]))
     now[0] += 200
-    done = node.expire_sessions()
+    return node, node.expire_sessions()
+
+
+def test_a_sweep_chunk_waits_for_a_checkpoint_in_progress(tmp_path, request, monkeypatch):
+    """
+    A chunk's write transaction would wait for the checkpoint's, and every
+    commit behind it: it runs once the checkpoint is over; commits go on.
+    """
+    from ckv.chain.service import SWEEP_RETRY
+
+    busy = [True]
+    node, done = sweep_under_checkpoints(tmp_path, request, monkeypatch, busy)
     node.reactor.advance(SWEEP_RETRY)
     assert not done.called and not node._sweeping
     retry = node._sweep_retry
@@ -629,15 +637,7 @@ def test_checkpoints_back_to_back_hold_a_sweep_chunk_back_for_a_while_only(
     """When the disk cannot keep up, checkpoints never stop: the chunk runs anyway."""
     from ckv.chain.service import SWEEP_HOLD_MAX, SWEEP_RETRY
 
-    monkeypatch.setattr(Store, "checkpointing", property(lambda self: True))
-    now = [1_000_000.0]
-    node = make_node(tmp_path, request, "n1")
-    node.session_ttl = 100.0
-    node.store.clock = lambda: now[0]
-    node.on_config(config("n1"))
-    node.store.commit(Batch([Entry(1, CID_A, 0, 1, int(Op.PUT), 0, b"k", b"v")]))
-    now[0] += 200
-    done = node.expire_sessions()
+    node, done = sweep_under_checkpoints(tmp_path, request, monkeypatch, [True])
     tries = round(SWEEP_HOLD_MAX / SWEEP_RETRY)
     node.reactor.pump([SWEEP_RETRY] * (tries - 2))
     assert not done.called
@@ -648,16 +648,7 @@ def test_checkpoints_back_to_back_hold_a_sweep_chunk_back_for_a_while_only(
 def test_a_stopping_node_drops_a_held_sweep(tmp_path, monkeypatch):
     """No chunk and no timer outlive the stop; whoever waits for the sweep is answered."""
     monkeypatch.setattr(Store, "checkpointing", property(lambda self: True))
-    node = NodeService(
-        name="n1",
-        listen="tcp:0:interface=127.0.0.1",
-        master="tcp:127.0.0.1:1",
-        data_dir=str(tmp_path / "n1"),
-        reactor=MemoryReactorClock(),
-        commit_inline=True,
-        session_ttl=100.0,
-    )
-    node.startService()
+    node = started_node(tmp_path, in_thread=None)
     done = node.expire_sessions()
     retry = node._sweep_retry
     assert retry is not None and retry.active() and not done.called
