@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 from twisted.logger import Logger
@@ -127,6 +127,25 @@ class Batch:
         return self.entries[-1].seq if self.entries else None
 
 
+class _LoggedBatch(NamedTuple):
+    """
+    What a checkpoint needs of a logged batch.  Plain tuples of numbers and
+    bytes, not the batch's L{Entry} objects: the garbage collector stops
+    tracking such tuples, and a full layer of entries would otherwise make
+    every full collection walk some 85,000 more objects (67 ms here).
+    """
+
+    #: The session time it was logged with.
+    now: int
+    #: (seq, encoded entry) of the entries it adds to the sent list.
+    sent: tuple[tuple[int, bytes], ...]
+    #: Its last entry's seq (0: it has none).
+    last_seq: int
+    prune_sent_upto: int
+    epoch: int | None
+    chain_id: int | None
+
+
 @dataclass(eq=False)
 class _Logged:
     """
@@ -137,8 +156,8 @@ class _Logged:
 
     #: The log file they are in (None: not logged).
     wal: WriteAheadLog | None = None
-    #: (batch, the session time it was logged with), in order.
-    batches: list[tuple[Batch, int]] = field(default_factory=list)
+    #: The batches, in order.
+    batches: list[_LoggedBatch] = field(default_factory=list)
     #: key -> value, or None: deleted.
     data: dict[bytes, bytes | None] = field(default_factory=dict)
     sessions: dict[bytes, bytes] = field(default_factory=dict)
@@ -158,8 +177,18 @@ class _Logged:
                 sessions[session_key(e.client_id, e.lane)] = _SESSION.pack(
                     e.request_id, e.status, now
                 )
-        self.batches.append((batch, now))
-        self.entries += len(batch.entries)
+        entries = batch.entries
+        self.batches.append(
+            _LoggedBatch(
+                now,
+                tuple((e.seq, e.encode()) for e in entries) if batch.keep_sent else (),
+                entries[-1].seq if entries else 0,
+                batch.prune_sent_upto,
+                batch.epoch,
+                batch.chain_id,
+            )
+        )
+        self.entries += len(entries)
 
 
 @dataclass
@@ -419,7 +448,7 @@ class Store:
         int,
         dict[bytes, bytes | None],
         dict[bytes, bytes],
-        list[tuple[Batch, int]],
+        list[_LoggedBatch],
     ]:
         """
         A read transaction, the overlay and the logged batches of one
@@ -431,7 +460,7 @@ class Store:
             layers = [x for x in (self._frozen, self._active) if x is not None]
             data: dict[bytes, bytes | None] = {}
             sessions: dict[bytes, bytes] = {}
-            pending: list[tuple[Batch, int]] = []
+            pending: list[_LoggedBatch] = []
             for layer in layers:  # the newer on top
                 data.update(layer.data)
                 sessions.update(layer.sessions)
@@ -691,7 +720,7 @@ class Store:
     def _oldest_logged(self) -> int | None:
         """The session time of the oldest batch not in LMDB yet (None: none)."""
         layers = (self._frozen, self._active)
-        times = [x.batches[0][1] for x in layers if x is not None and x.batches]
+        times = [x.batches[0].now for x in layers if x is not None and x.batches]
         return min(times) if times else None
 
     def _checkpoint(self, grow_if_full: bool = False) -> None:
@@ -756,23 +785,22 @@ class Store:
         # The sent list: LMDB's entries are older than the batches', so the
         # highest prune covers all of LMDB's that any prune does; of the
         # batches' entries, those that no prune at or after them removed.
-        pruned = max((b.prune_sent_upto for b, _ in layer.batches), default=0)
+        pruned = max((b.prune_sent_upto for b in layer.batches), default=0)
         if pruned:
             self._prune(txn, pruned)
         kept = _sent_after(layer.batches, ())
-        for batch, _ in layer.batches:
-            if batch.keep_sent:
-                for e in batch.entries:
-                    if e.seq in kept:
-                        txn.put(_U64.pack(e.seq), e.encode(), db=self._sent)
+        for b in layer.batches:
+            for seq, raw in b.sent:
+                if seq in kept:
+                    txn.put(_U64.pack(seq), raw, db=self._sent)
         meta = {_WAL_LSN: layer.last_lsn} if layer.wal is not None else {}
-        for batch, _ in layer.batches:
-            if batch.entries:
-                meta[_APPLIED] = batch.entries[-1].seq
-            if batch.epoch is not None:
-                meta[_EPOCH] = batch.epoch
-            if batch.chain_id is not None:
-                meta[_CHAIN] = batch.chain_id
+        for b in layer.batches:
+            if b.last_seq:
+                meta[_APPLIED] = b.last_seq
+            if b.epoch is not None:
+                meta[_EPOCH] = b.epoch
+            if b.chain_id is not None:
+                meta[_CHAIN] = b.chain_id
         for k, n in meta.items():
             txn.put(k, _U64.pack(n), db=self._meta)
 
@@ -923,16 +951,15 @@ def _sent_seqs(txn: lmdb.Transaction, db: Any) -> list[int]:
     return [_U64.unpack(k)[0] for k in txn.cursor(db=db).iternext(values=False)]
 
 
-def _sent_after(batches: Iterable[tuple[Batch, int]], seqs: Iterable[int]) -> set[int]:
+def _sent_after(batches: Iterable[_LoggedBatch], seqs: Iterable[int]) -> set[int]:
     """
     The seqs a sent list holding C{seqs} holds once the batches are applied
-    in order (each adds its entries if it keeps them, then prunes).  The
-    list is the unacknowledged window, so the sets stay small.
+    in order (each adds the entries it keeps, then prunes).  The list is
+    the unacknowledged window, so the sets stay small.
     """
     held = set(seqs)
-    for batch, _ in batches:
-        if batch.keep_sent:
-            held.update(e.seq for e in batch.entries)
-        if batch.prune_sent_upto:
-            held = {seq for seq in held if seq > batch.prune_sent_upto}
+    for b in batches:
+        held.update(seq for seq, _ in b.sent)
+        if b.prune_sent_upto:
+            held = {seq for seq in held if seq > b.prune_sent_upto}
     return held

@@ -912,3 +912,25 @@ def test_a_log_left_next_to_new_lmdb_files_is_not_replayed(tmp_path):
         assert s.items() == [(b"new", b"v")]
     finally:
         s.close()
+
+
+def test_the_log_layer_gives_the_garbage_collector_little_to_walk(tmp_path):
+    """
+    Every full collection walks every tracked object: a layer of logged
+    batches keeps plain tuples of the entries' seqs and bytes, not the
+    entries (at 65,536 entries a layer, a full collection took 60-70 ms
+    with them, 11-12 ms without).
+    """
+    import gc
+
+    with opened(tmp_path / "db", checkpoint_entries=10**6) as s:
+        s.commit(Batch([entry(1, key=b"first")]))
+        gc.collect()
+        before = len(gc.get_objects())
+        for b in range(100):
+            s.commit(Batch([entry(2 + 10 * b + i, key=b"k%d" % i) for i in range(10)]))
+        gc.collect()
+        gc.collect()
+        grown = len(gc.get_objects()) - before
+        assert s.get(b"k9") == b"v" and s.stats()["wal_entries"] == 1001
+    assert grown < 300  # one per batch at most, with some slack; 1,000 entries would be more
