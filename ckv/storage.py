@@ -831,6 +831,9 @@ class Store:
                 # expired go to LMDB first, where it looks.  Only then: a
                 # checkpoint here holds up every commit meanwhile.
                 self._checkpoint()
+        # A session the log holds is newer than LMDB's record of it (the
+        # next checkpoint overwrites that): not expired, whatever LMDB says.
+        logged = [x.sessions for x in (self._frozen, self._active) if x is not None]
         deleted = 0
         seen = 0
         with self._env().begin(write=True, db=self._sessions) as txn:
@@ -846,7 +849,11 @@ class Store:
                     rid, status = _LEGACY_SESSION.unpack(raw)
                     cursor.put(cursor.key(), _SESSION.pack(rid, status, now & 0xFFFFFFFF))
                     found = cursor.next()
-                elif len(raw) == _SESSION.size and _SESSION.unpack(raw)[2] < cutoff:
+                elif (
+                    len(raw) == _SESSION.size
+                    and _SESSION.unpack(raw)[2] < cutoff
+                    and not any(cursor.key() in x for x in logged)
+                ):
                     # delete() moves to the next record; after the last one
                     # the cursor is unpositioned and its key is empty.
                     cursor.delete()
