@@ -639,12 +639,14 @@ def test_a_wipe_forgets_what_was_logged(tmp_path):
 
 def test_snapshot_and_digest_include_the_log(tmp_path):
     """A state transfer from a durable tail sends what its log holds too, at its seq."""
-    a = make_store(tmp_path / "a", checkpoint_entries=2)
-    b = make_store(tmp_path / "b", "replicated")
+    clock = FakeWallClock()  # one time for both: sessions carry it
+    a = make_store(tmp_path / "a", checkpoint_entries=2, clock=clock)
+    b = make_store(tmp_path / "b", "replicated", clock=clock)
     try:
         for batch in some_batches():
             a.commit(batch)
             b.commit(batch)
+        a._join_checkpointer()  # the last one started has ended
         assert a.stats()["wal_entries"] > 0 and a.checkpoints > 0  # some of each
         for s in (a, b):
             seq, chunks = s.snapshot(64)
