@@ -458,7 +458,7 @@ class Store:
         """
         with self._view_lock:
             txn = self._env().begin(buffers=False)
-            layers = [x for x in (self._frozen, self._active) if x is not None]
+            layers = self._layers()
             data: dict[bytes, bytes | None] = {}
             sessions: dict[bytes, bytes] = {}
             pending: list[_LoggedBatch] = []
@@ -495,8 +495,8 @@ class Store:
             "commit_ms_avg": round(1000 * self.commit_seconds / max(1, self.commits), 3),
             "commit_ms_max": round(1000 * self.commit_max_seconds, 3),
             "sessions_expired": self.sessions_expired,
-            "wal_bytes": sum(x.bytes for x in (self._active, self._frozen) if x is not None),
-            "wal_entries": sum(x.entries for x in (self._active, self._frozen) if x is not None),
+            "wal_bytes": sum(x.bytes for x in self._layers()),
+            "wal_entries": sum(x.entries for x in self._layers()),
             "checkpoints": self.checkpoints,
             "checkpoint_ms_avg": round(
                 1000 * self.checkpoint_seconds / max(1, self.checkpoints), 3
@@ -718,10 +718,13 @@ class Store:
         """Put every logged batch into LMDB now (where commits run)."""
         self._checkpoint()
 
+    def _layers(self) -> list[_Logged]:
+        """The layers of logged batches not in LMDB yet, the older first."""
+        return [x for x in (self._frozen, self._active) if x is not None]
+
     def _oldest_logged(self) -> int | None:
         """The session time of the oldest batch not in LMDB yet (None: none)."""
-        layers = (self._frozen, self._active)
-        times = [x.batches[0].now for x in layers if x is not None and x.batches]
+        times = [x.batches[0].now for x in self._layers() if x.batches]
         return min(times) if times else None
 
     def _checkpoint(self, grow_if_full: bool = False) -> None:
@@ -834,7 +837,7 @@ class Store:
                 self._checkpoint()
         # A session the log holds is newer than LMDB's record of it (the
         # next checkpoint overwrites that): not expired, whatever LMDB says.
-        logged = [x.sessions for x in (self._frozen, self._active) if x is not None]
+        logged = [x.sessions for x in self._layers()]
         deleted = 0
         seen = 0
         with self._env().begin(write=True, db=self._sessions) as txn:
