@@ -1,4 +1,4 @@
-"""The helpers of benchmarks/chain_bench.py that do not need a cluster."""
+"""The helpers of benchmarks/chain_bench.py and etcd_compare.py that need no cluster."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_chain_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "chain_bench", ROOT / "benchmarks" / "chain_bench.py"
-    )
+def load_benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_chain_bench() -> ModuleType:
+    return load_benchmark("chain_bench")
 
 
 def test_disk_calibration_measures_synced_log_appends(tmp_path: Path) -> None:
@@ -107,4 +109,46 @@ def test_a_cluster_that_does_not_start_says_why(monkeypatch, tmp_path: Path) -> 
         cb.start_cluster(str(tmp_path), "durable", 1)
     assert str(e.value) == (
         "ckv local exited with status 1:\nckv local: n2 (pid 42) exited with status 1"
+    )
+
+
+def test_etcd_members_each_have_their_own_ports_and_directory(tmp_path: Path) -> None:
+    """The comparison's etcd: three members that name each other as one cluster."""
+    ec = load_benchmark("etcd_compare")
+    ports = ec.free_ports(6)
+    assert len(set(ports)) == 6 and all(p > 0 for p in ports)
+    cmds = ec.etcd_commands("/usr/bin/etcd", str(tmp_path), ports)
+    assert len(cmds) == 3
+    cluster = ",".join(f"e{i}=http://127.0.0.1:{ports[3 + i]}" for i in range(3))
+    for i, cmd in enumerate(cmds):
+        opts = dict(zip(cmd[1::2], cmd[2::2], strict=True))
+        assert cmd[0] == "/usr/bin/etcd"
+        assert opts["--name"] == f"e{i}"
+        assert opts["--data-dir"] == str(tmp_path / f"e{i}")
+        assert opts["--listen-client-urls"] == f"http://127.0.0.1:{ports[i]}"
+        assert opts["--listen-peer-urls"] == f"http://127.0.0.1:{ports[3 + i]}"
+        assert opts["--initial-cluster"] == cluster
+        assert opts["--initial-cluster-state"] == "new"
+
+
+def test_the_etcd_loader_needs_go_and_says_how_to_get_it(monkeypatch, tmp_path: Path) -> None:
+    """Without Go the comparison stops with the packages to install, not a traceback."""
+    import shutil
+
+    import pytest
+
+    ec = load_benchmark("etcd_compare")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as e:
+        ec.build_loader(str(tmp_path))
+    assert "apt install golang-go golang-etcd-server-dev" in str(e.value)
+    assert "--loader" in str(e.value)
+
+
+def test_both_systems_are_reported_alike() -> None:
+    """etcd's loader prints the fields of `ckv bench --json`, so one line format serves both."""
+    ec = load_benchmark("etcd_compare")
+    r = {"ops_per_s": 2124.4, "p50_ms": 13.79, "p99_ms": 38.34, "p999_ms": 51.7, "errors": 0}
+    assert ec.result_line("etcd", "write", r) == (
+        "etcd       write      2124 ops/s  p50  13.79 ms  p99  38.34 ms  p99.9  51.70 ms  errors 0"
     )
