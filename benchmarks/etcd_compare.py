@@ -3,19 +3,21 @@ ckv against a 3-member etcd, on this machine, with the same workload:
 
     python benchmarks/etcd_compare.py [--duration 10] [--concurrency 32]
                                       [--repeat 3] [--etcd etcd]
-                                      [--all-members] [--loader PATH]
+                                      [--direct] [--all-members]
+                                      [--loader PATH]
 
 The issue that set ckv's performance target measured etcd "on this kind of
 machine".  This measures both here, now, taking turns: per round, a fresh
-`ckv local` (a chain of 3, durable default, through the dispatcher, as
-chain_bench.py runs it) and a fresh 3-member etcd on loopback (fsync per
-batch, its only mode), each given the write workload then the read
-workload of `ckv bench`: 100-byte values, 10,000 keys, 32 requests in
-flight, reads preloaded, etcd's reads linearizable.  etcd's requests go to
-its leader, its best case (a follower forwards writes to the leader and asks
-it before a linearizable read); --all-members spreads them over the three.  Then the median, min
-and max of each.  Both write into the same temporary directory, so on the
-same disk.
+`ckv local` (a chain of 3, durable default, through the dispatcher as
+chain_bench.py runs it, or with --direct straight to the head and the
+tail) and a fresh 3-member etcd on loopback (fsync per batch, its only
+mode), each given the write workload then the read workload of `ckv
+bench`: 100-byte values, 10,000 keys, 32 requests in flight, reads
+preloaded, etcd's reads linearizable.  etcd's requests go to its leader,
+its best case (a follower forwards writes to the leader and asks it
+before a linearizable read); --all-members spreads them over the three.
+Then the median, min and max of each.  Both write into the same temporary
+directory, so on the same disk.
 
 etcd's side is driven by benchmarks/etcd/main.go (etcdload), a closed-loop
 Go client; the script builds it unless --loader names a built one.  On
@@ -154,7 +156,7 @@ def run_ckv(args: argparse.Namespace) -> dict[str, dict]:
         try:
             for workload in WORKLOADS:
                 r = chain_bench.bench(
-                    info["connect"], workload, args.duration, args.concurrency, False
+                    info["connect"], workload, args.duration, args.concurrency, args.direct
                 )
                 results[workload] = r
                 print(result_line("ckv", workload, r), flush=True)
@@ -178,6 +180,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=chain_bench.positive_int, default=3, metavar="N",
                     help="rounds, each on fresh clusters, the systems taking turns (default 3)")
     ap.add_argument("--etcd", default="etcd", help="the etcd server binary (default: on PATH)")
+    ap.add_argument("--direct", action="store_true",
+                    help="ckv's client goes to the head and the tail itself, not through the "
+                         "dispatcher (as etcd's goes to its leader)")
     ap.add_argument("--all-members", action="store_true",
                     help="etcd's requests spread over its three members, not all to the leader")
     ap.add_argument("--loader", help="a built benchmarks/etcd/main.go (default: build it now)")
@@ -187,7 +192,8 @@ def main() -> None:
         raise SystemExit(f"no etcd server binary {args.etcd!r}: apt install etcd-server")
     version = subprocess.run([etcd, "--version"], capture_output=True, text=True).stdout.split()
     where = "requests spread over its members" if args.all_members else "requests to its leader"
-    print(f"# ckv (chain of 3, durable, through the dispatcher) against etcd "
+    path = "direct to the chain" if args.direct else "through the dispatcher"
+    print(f"# ckv (chain of 3, durable, {path}) against etcd "
           f"{version[2] if len(version) > 2 else '?'} (3 members, fsync per batch, {where}): "
           f"{os.cpu_count()} cores, {args.concurrency} in flight, 100-byte values, "
           f"10,000 keys, {args.duration:g} s per workload")  # fmt: skip

@@ -152,3 +152,31 @@ def test_both_systems_are_reported_alike() -> None:
     assert ec.result_line("etcd", "write", r) == (
         "etcd       write      2124 ops/s  p50  13.79 ms  p99  38.34 ms  p99.9  51.70 ms  errors 0"
     )
+
+
+def test_ckv_goes_direct_when_asked(monkeypatch) -> None:
+    """--direct reaches `ckv bench`: the like-for-like case of etcd's client at its leader."""
+    import argparse
+
+    ec = load_benchmark("etcd_compare")
+    calls: list[tuple] = []
+
+    class Proc:
+        def send_signal(self, sig: int) -> None:
+            calls.append(("signal", sig))
+
+        def wait(self, timeout: float) -> int:
+            return 0
+
+    def bench(connect: str, workload: str, duration: float, conc: int, direct: bool) -> dict:
+        calls.append((workload, direct))
+        return {"ops_per_s": 1.0, "p50_ms": 1.0, "p99_ms": 2.0, "p999_ms": 3.0, "errors": 0}
+
+    monkeypatch.setattr(ec.chain_bench, "start_cluster", lambda *a: (Proc(), {"connect": "x"}))
+    monkeypatch.setattr(ec.chain_bench, "bench", bench)
+    for direct in (False, True):
+        calls.clear()
+        args = argparse.Namespace(duration=1.0, concurrency=32, direct=direct)
+        assert set(ec.run_ckv(args)) == {"write", "read"}
+        assert calls[:2] == [("write", direct), ("read", direct)]
+        assert calls[2][0] == "signal"  # the cluster is stopped
