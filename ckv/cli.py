@@ -3,7 +3,7 @@ The C{ckv} command.
 
     ckv local                      start a whole cluster on this machine
     ckv get KEY                    print KEY's value
-    ckv put KEY VALUE              set KEY to VALUE
+    ckv put KEY VALUE              set KEY to VALUE (ckv put KEY < FILE: the file's bytes)
     ckv delete KEY                 remove KEY
     ckv cas KEY EXPECTED NEW       set KEY to NEW only if its value is EXPECTED
     ckv status [--json]            chains, members (head first), epochs
@@ -22,7 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from ckv import __version__
 from ckv.argtypes import positive
@@ -174,9 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not add a newline after the value (for binary values)")
     p.set_defaults(func=cmd_get)
 
-    p = sub.add_parser("put", help="set a key", description="Set KEY to VALUE; prints OK.")
+    p = sub.add_parser("put", help="set a key", description="Set KEY to VALUE; prints OK. "
+                       "Without VALUE the value is standard input, byte for byte (binary "
+                       "values, or values too long for a command line): ckv put KEY < FILE.")
     p.add_argument("key", metavar="KEY")
-    p.add_argument("value", metavar="VALUE")
+    p.add_argument("value", metavar="VALUE", nargs="?",
+                   help="the value (default: read standard input to its end, as raw bytes "
+                   "even with --hex)")
     _add_connect(p)
     _add_hex(p)
     p.set_defaults(func=cmd_put)
@@ -271,9 +275,33 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def value_from_stdin(stdin: BinaryIO, is_tty: bool) -> bytes:
+    """
+    The value of `ckv put KEY` without VALUE: standard input, byte for byte.
+
+    At most one byte past the limit is read, so that a huge input is refused
+    without being held in memory; a terminal is refused (nothing was piped).
+    """
+    from ckv.wire import MAX_VALUE
+
+    if is_tty:
+        raise UsageError(
+            "put: VALUE is missing (to give it on standard input: ckv put KEY < FILE)"
+        )
+    value = stdin.read(MAX_VALUE + 1)
+    if len(value) > MAX_VALUE:
+        raise UsageError(
+            f"put: the value on standard input exceeds the limit of {MAX_VALUE} bytes"
+        )
+    return value
+
+
 def cmd_put(args: argparse.Namespace) -> int:
     key = to_bytes(args.key, args.hex, "KEY")
-    value = to_bytes(args.value, args.hex, "VALUE")
+    if args.value is None:
+        value = value_from_stdin(sys.stdin.buffer, sys.stdin.isatty())
+    else:
+        value = to_bytes(args.value, args.hex, "VALUE")
     client = _client(args)
     try:
         client.put(key, value)

@@ -119,7 +119,7 @@ def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     [],
     ["frobnicate"],
     ["get"],
-    ["put", "k"],
+    ["put"],
     ["get", "k", "--timeout", "0"],
     ["get", "k", "--timeout", "soon"],
     ["bench", "--workload", "scan"],
@@ -181,6 +181,72 @@ def test_put_get_delete(client: type[FakeClient], capsys: pytest.CaptureFixture[
     assert run(["delete", "greeting"], capsys) == (0, "deleted\n", "")
     assert run(["delete", "greeting"], capsys) == (1, "not found\n", "")
     assert run(["get", "greeting"], capsys) == (1, "", "(not found)\n")
+
+
+class Stdin:
+    """Stands in for sys.stdin: bytes on .buffer, and whether it is a terminal."""
+
+    def __init__(self, data: bytes, tty: bool = False) -> None:
+        import io
+
+        self.buffer = io.BytesIO(data)
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_put_reads_the_value_from_stdin(client: type[FakeClient], monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without VALUE, put sends standard input byte for byte (not hex even with --hex)."""
+    data = b"\x00\xffbinary\r\n\n"
+    monkeypatch.setattr(sys, "stdin", Stdin(data))
+    assert run(["put", "k"], capsys) == (0, "OK\n", "")
+    assert client.instances[-1].calls == [("put", b"k", data)]
+    monkeypatch.setattr(sys, "stdin", Stdin(b"00ff"))
+    assert run(["put", "--hex", "6b32"], capsys) == (0, "OK\n", "")
+    assert client.instances[-1].calls == [("put", b"k2", b"00ff")]
+    # An empty input is the empty value.
+    monkeypatch.setattr(sys, "stdin", Stdin(b""))
+    assert run(["put", "k3"], capsys) == (0, "OK\n", "")
+    assert client.instances[-1].calls == [("put", b"k3", b"")]
+    # A value on the command line still wins: stdin is not read.
+    stdin = Stdin(b"unread")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert run(["put", "k4", "v"], capsys) == (0, "OK\n", "")
+    assert client.instances[-1].calls == [("put", b"k4", b"v")]
+    assert stdin.buffer.tell() == 0
+
+
+def test_put_without_value_from_a_terminal_is_a_usage_error(
+    client: type[FakeClient], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Nothing piped in: say how to give the value instead of waiting for a terminal's EOF."""
+    monkeypatch.setattr(sys, "stdin", Stdin(b"typed", tty=True))
+    code, out, err = run(["put", "k"], capsys)
+    assert (code, out) == (2, "")
+    assert "VALUE is missing" in err and "ckv put KEY < FILE" in err
+    assert client.instances == []
+
+
+def test_put_refuses_an_oversized_stdin_without_reading_it_all(
+    client: type[FakeClient], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ckv.wire import MAX_VALUE
+
+    stdin = Stdin(b"v" * (MAX_VALUE + 100))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, out, err = run(["put", "k"], capsys)
+    assert (code, out) == (2, "")
+    assert f"exceeds the limit of {MAX_VALUE} bytes" in err
+    assert stdin.buffer.tell() == MAX_VALUE + 1
+    assert client.instances == []
+    # Exactly the limit is accepted.
+    monkeypatch.setattr(sys, "stdin", Stdin(b"v" * MAX_VALUE))
+    assert run(["put", "k"], capsys) == (0, "OK\n", "")
+    assert len(client.instances[-1].calls[0][2]) == MAX_VALUE
 
 
 def test_connect_and_timeout_passed(client: type[FakeClient],

@@ -32,6 +32,14 @@ def ckv(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+def ckv_bytes(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """`ckv` with bytes in and out (binary values)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ckv.cli", *args],
+        cwd=REPO, env=env(), input=stdin, capture_output=True, timeout=60,
+    )  # fmt: skip
+
+
 def start_local(data_dir: str, ready: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
@@ -87,6 +95,14 @@ def test_ckv_local_cli_and_clean_restart(tmp_path):
         assert r.returncode == 1 and "not found" in r.stderr
         r = ckv("delete", "fresh", *conn)
         assert r.returncode == 1
+
+        # A binary value longer than a command line may be (128 KiB per
+        # argument on Linux), from standard input; read back byte for byte.
+        blob = bytes(range(256)) * 1200 + b"\n"
+        b = ckv_bytes("put", "blob", *conn, stdin=blob)
+        assert (b.returncode, b.stdout) == (0, b"OK\n"), b.stderr
+        b = ckv_bytes("get", "-n", "blob", *conn)
+        assert (b.returncode, b.stdout) == (0, blob), b.stderr
 
         r = ckv("status", "--json", "--master", info["master_endpoint"])
         assert r.returncode == 0, r.stderr
