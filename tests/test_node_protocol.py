@@ -282,6 +282,16 @@ def test_chain_hello_with_other_epoch(pair, epoch):
     assert tail.pred_proto is None
 
 
+def test_status_says_which_links_exist_and_which_are_up(pair):
+    """A head has no predecessor link and a tail no successor link: "none", not "down"."""
+    head, tail = pair
+    assert (head.status()["predecessor_link"], tail.status()["successor_link"]) == ("none", "none")
+    assert tail.status()["predecessor_link"] == "down"
+    proto, tr = connect(tail)
+    proto.dataReceived(chain_hello("h"))
+    assert tail.status()["predecessor_link"] == "up"
+
+
 def test_chain_hello_then_updates(pair):
     _, tail = pair
     client, ctr = connect(tail)

@@ -820,6 +820,8 @@ def test_status():
     h.submit(put(b"k", b"v"))
     s = h.replicas["a"].status()
     assert s["successor_link"] == "up" and s["pending"] == 1 and s["applied_seq"] == 1
+    # The tail has no successor: no link to be down.
+    assert h.replicas["b"].status()["successor_link"] == "none"
 
 
 # -- recovery --------------------------------------------------------------------------

@@ -876,5 +876,8 @@ class Replica:
             "held": len(self._held),
             "frontier": self.frontier(),
             "verified": self.verified,
-            "successor_link": "up" if self.forward_cursor is not None else "down",
+            # "none" at the tail: no link is expected, so none is down.
+            "successor_link": "none"
+            if self.successor is None
+            else ("up" if self.forward_cursor is not None else "down"),
         }

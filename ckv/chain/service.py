@@ -951,7 +951,10 @@ class NodeService(service.MultiService):
                 "sync": self.sync,
                 "master": "connected" if self.master_proto is not None else "disconnected",
                 "lease_remaining": f"{max(0.0, self.lease_until - self.clock()):.1f}s",
-                "predecessor_link": "up" if self.pred_proto is not None else "down",
+                # "none" at the head: no link is expected, so none is down.
+                "predecessor_link": "none"
+                if self.replica.predecessor is None
+                else ("up" if self.pred_proto is not None else "down"),
                 "clients": len(self.client_channels),
             }
         )
