@@ -228,9 +228,18 @@ def run_mode(sync: str, args: argparse.Namespace) -> dict[str, dict]:
             mem = ", ".join(f"{k} {rss_mb(p) or 0:.0f} MB" for k, p in sorted(pids.items()))
             print(f"{sync:10s} rss   {mem}", flush=True)
         finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(60)
+            stop_cluster(proc)
     return results
+
+
+def stop_cluster(proc: subprocess.Popen[bytes]) -> None:
+    """Stop `ckv local` as Ctrl-C does; kill it if it has not stopped within 60 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def summary_line(sync: str, workload: str, runs: list[dict]) -> str:

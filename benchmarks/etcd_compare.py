@@ -16,8 +16,9 @@ bench`: 100-byte values, 10,000 keys, 32 requests in flight, reads
 preloaded, etcd's reads linearizable.  etcd's requests go to its leader,
 its best case (a follower forwards writes to the leader and asks it
 before a linearizable read); --all-members spreads them over the three.
-Then the median, min and max of each.  Both write into the same temporary
-directory, so on the same disk.
+Then the median, min and max of each.  Both keep their data under the same
+temporary directory ($TMPDIR, else /tmp), so on the same disk: it must be a
+real disk, not a tmpfs, or neither side's fsyncs mean anything.
 
 etcd's side is driven by benchmarks/etcd/main.go (etcdload), a closed-loop
 Go client; the script builds it unless --loader names a built one.  On
@@ -32,6 +33,7 @@ so nothing is downloaded).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -121,19 +123,20 @@ def run_etcd(etcd: str, loader: str, args: argparse.Namespace) -> dict[str, dict
                     procs.append(subprocess.Popen(cmd, stdout=log, stderr=log))
             endpoints = ",".join(f"127.0.0.1:{p}" for p in ports[:3])
             for workload in WORKLOADS:
+                dead = [f"e{i}" for i, p in enumerate(procs) if p.poll() is not None]
+                if dead:
+                    raise SystemExit(f"etcd member(s) {', '.join(dead)} exited:\n{_logs(work)}")
                 out = subprocess.run(
                     [
                         loader, "--endpoints", endpoints, "--workload", workload,
-                        "--duration", f"{args.duration}s", "--concurrency", str(args.concurrency),
+                        "--duration", f"{round(args.duration * 1000)}ms",
+                        "--concurrency", str(args.concurrency),
                         *(["--all-members"] if args.all_members else []),
                     ],
                     capture_output=True, text=True, timeout=args.duration * 3 + 120,
                 )  # fmt: skip
                 if out.returncode != 0:
-                    logs = "\n".join(
-                        chain_bench._read(os.path.join(work, f"e{i}.log")) for i in range(3)
-                    )
-                    raise SystemExit(f"etcdload failed: {out.stderr}\netcd logs:\n{logs}")
+                    raise SystemExit(f"etcdload failed: {out.stderr}\netcd logs:\n{_logs(work)}")
                 results[workload] = json.loads(out.stdout)
                 print(result_line("etcd", workload, results[workload]), flush=True)
         finally:
@@ -146,6 +149,10 @@ def run_etcd(etcd: str, loader: str, args: argparse.Namespace) -> dict[str, dict
                     p.kill()
                     p.wait()
     return results
+
+
+def _logs(work: str) -> str:
+    return "\n".join(chain_bench._read(os.path.join(work, f"e{i}.log")) for i in range(3))
 
 
 def run_ckv(args: argparse.Namespace) -> dict[str, dict]:
@@ -161,22 +168,23 @@ def run_ckv(args: argparse.Namespace) -> dict[str, dict]:
                 results[workload] = r
                 print(result_line("ckv", workload, r), flush=True)
         finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(60)
+            chain_bench.stop_cluster(proc)
     return results
 
 
 def result_line(system: str, workload: str, r: dict[str, Any]) -> str:
+    """One run; errors count every failed request (ckv bench's timeouts are apart)."""
+    errors = r["errors"] + r.get("unavailable", 0)
     return (
         f"{system:10s} {workload:5s} {r['ops_per_s']:9.0f} ops/s  p50 {r['p50_ms']:6.2f} ms  "
-        f"p99 {r['p99_ms']:6.2f} ms  p99.9 {r['p999_ms']:6.2f} ms  errors {r['errors']}"
+        f"p99 {r['p99_ms']:6.2f} ms  p99.9 {r['p999_ms']:6.2f} ms  errors {errors}"
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--duration", type=float, default=10.0)
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--duration", type=positive_float, default=10.0)
+    ap.add_argument("--concurrency", type=chain_bench.positive_int, default=32)
     ap.add_argument("--repeat", type=chain_bench.positive_int, default=3, metavar="N",
                     help="rounds, each on fresh clusters, the systems taking turns (default 3)")
     ap.add_argument("--etcd", default="etcd", help="the etcd server binary (default: on PATH)")
@@ -197,8 +205,10 @@ def main() -> None:
           f"{version[2] if len(version) > 2 else '?'} (3 members, fsync per batch, {where}): "
           f"{os.cpu_count()} cores, {args.concurrency} in flight, 100-byte values, "
           f"10,000 keys, {args.duration:g} s per workload")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="etcdload-") as build:
-        loader = args.loader or build_loader(build)
+    with contextlib.ExitStack() as stack:
+        loader = args.loader or build_loader(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="etcdload-"))
+        )
         runs: dict[tuple[str, str], list[dict]] = {}
         for round_ in range(args.repeat):
             # Taking turns, so that neither always runs first after a pause.
@@ -210,6 +220,13 @@ def main() -> None:
     print("# summary")
     for (system, workload), rs in sorted(runs.items()):
         print(chain_bench.summary_line(system, workload, rs), flush=True)
+
+
+def positive_float(text: str) -> float:
+    x = float(text)
+    if not x > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return x
 
 
 if __name__ == "__main__":

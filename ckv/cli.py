@@ -3,7 +3,7 @@ The C{ckv} command.
 
     ckv local                      start a whole cluster on this machine
     ckv get KEY                    print KEY's value
-    ckv put KEY VALUE              set KEY to VALUE (ckv put KEY < FILE: the file's bytes)
+    ckv put KEY VALUE              set KEY to VALUE (--stdin < FILE: the file's bytes)
     ckv delete KEY                 remove KEY
     ckv cas KEY EXPECTED NEW       set KEY to NEW only if its value is EXPECTED
     ckv status [--json]            chains, members (head first), epochs
@@ -175,12 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("put", help="set a key", description="Set KEY to VALUE; prints OK. "
-                       "Without VALUE the value is standard input, byte for byte (binary "
-                       "values, or values too long for a command line): ckv put KEY < FILE.")
+                       "With --stdin instead of VALUE the value is standard input, byte for "
+                       "byte (binary values, or values too long for a command line): "
+                       "ckv put KEY --stdin < FILE.")
     p.add_argument("key", metavar="KEY")
-    p.add_argument("value", metavar="VALUE", nargs="?",
-                   help="the value (default: read standard input to its end, as raw bytes "
-                   "even with --hex)")
+    p.add_argument("value", metavar="VALUE", nargs="?")
+    p.add_argument("--stdin", action="store_true",
+                   help="read the value from standard input to its end, as raw bytes (even "
+                   "with --hex), instead of VALUE")
     _add_connect(p)
     _add_hex(p)
     p.set_defaults(func=cmd_put)
@@ -275,19 +277,14 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def value_from_stdin(stdin: BinaryIO, is_tty: bool) -> bytes:
+def value_from_stdin(stdin: BinaryIO) -> bytes:
     """
-    The value of `ckv put KEY` without VALUE: standard input, byte for byte.
-
-    At most one byte past the limit is read, so that a huge input is refused
-    without being held in memory; a terminal is refused (nothing was piped).
+    The value of `ckv put KEY --stdin`: standard input to its end, byte for
+    byte.  At most one byte past the limit is read, so that a huge input is
+    refused without being held in memory.
     """
     from ckv.wire import MAX_VALUE
 
-    if is_tty:
-        raise UsageError(
-            "put: VALUE is missing (to give it on standard input: ckv put KEY < FILE)"
-        )
     value = stdin.read(MAX_VALUE + 1)
     if len(value) > MAX_VALUE:
         raise UsageError(
@@ -298,8 +295,16 @@ def value_from_stdin(stdin: BinaryIO, is_tty: bool) -> bytes:
 
 def cmd_put(args: argparse.Namespace) -> int:
     key = to_bytes(args.key, args.hex, "KEY")
-    if args.value is None:
-        value = value_from_stdin(sys.stdin.buffer, sys.stdin.isatty())
+    # An explicit flag, not a missing VALUE: under cron or in a `while read`
+    # loop a forgotten VALUE would otherwise store whatever stdin holds.
+    if args.stdin:
+        if args.value is not None:
+            raise UsageError("put: give VALUE or --stdin, not both")
+        if sys.stdin is None:  # file descriptor 0 was closed
+            raise UsageError("put --stdin: standard input is closed")
+        value = value_from_stdin(sys.stdin.buffer)
+    elif args.value is None:
+        raise UsageError("put: VALUE is missing (or --stdin to read it from standard input)")
     else:
         value = to_bytes(args.value, args.hex, "VALUE")
     client = _client(args)

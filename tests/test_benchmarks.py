@@ -146,12 +146,55 @@ def test_the_etcd_loader_needs_go_and_says_how_to_get_it(monkeypatch, tmp_path: 
 
 
 def test_both_systems_are_reported_alike() -> None:
-    """etcd's loader prints the fields of `ckv bench --json`, so one line format serves both."""
+    """
+    etcd's loader prints the fields of `ckv bench --json` that the report
+    reads, so one line format serves both; ckv's timeouts count as errors,
+    as the loader's do.
+    """
+    import re
+
+    from ckv import bench
+
     ec = load_benchmark("etcd_compare")
     r = {"ops_per_s": 2124.4, "p50_ms": 13.79, "p99_ms": 38.34, "p999_ms": 51.7, "errors": 0}
     assert ec.result_line("etcd", "write", r) == (
         "etcd       write      2124 ops/s  p50  13.79 ms  p99  38.34 ms  p99.9  51.70 ms  errors 0"
     )
+    assert ec.result_line("ckv", "write", {**r, "errors": 2, "unavailable": 3}).endswith(
+        "errors 5"
+    )
+    read = {"ops_per_s", "p50_ms", "p99_ms", "p999_ms", "errors"}
+    go = (ROOT / "benchmarks" / "etcd" / "main.go").read_text()
+    emitted = set(re.findall(r'"(\w+)":', go.split("Encode(map[string]any{", 1)[1]))
+    assert read <= emitted
+    # The same names as ckv bench's JSON, for the figures both report.
+    summary = bench.summarize(bench.Recorder(), 1.0)
+    assert emitted & set(summary) >= read | {"ops", "duration_s"}
+
+
+def test_a_cluster_that_will_not_stop_is_killed(monkeypatch) -> None:
+    """Ctrl-C first; if `ckv local` is still there after 60 s, SIGKILL (no cluster left behind)."""
+    import signal
+    import subprocess
+
+    cb = load_chain_bench()
+    seen: list[object] = []
+
+    class Stuck:
+        def send_signal(self, sig: int) -> None:
+            seen.append(sig)
+
+        def wait(self, timeout: float | None = None) -> int:
+            seen.append(("wait", timeout))
+            if timeout is not None:
+                raise subprocess.TimeoutExpired("ckv local", timeout)
+            return -9
+
+        def kill(self) -> None:
+            seen.append("kill")
+
+    cb.stop_cluster(Stuck())
+    assert seen == [signal.SIGINT, ("wait", 60), "kill", ("wait", None)]
 
 
 def test_ckv_goes_direct_when_asked(monkeypatch) -> None:

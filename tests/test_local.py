@@ -99,7 +99,7 @@ def test_ckv_local_cli_and_clean_restart(tmp_path):
         # A binary value longer than a command line may be (128 KiB per
         # argument on Linux), from standard input; read back byte for byte.
         blob = bytes(range(256)) * 1200 + b"\n"
-        b = ckv_bytes("put", "blob", *conn, stdin=blob)
+        b = ckv_bytes("put", "blob", "--stdin", *conn, stdin=blob)
         assert (b.returncode, b.stdout) == (0, b"OK\n"), b.stderr
         b = ckv_bytes("get", "-n", "blob", *conn)
         assert (b.returncode, b.stdout) == (0, blob), b.stderr

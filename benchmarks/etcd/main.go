@@ -2,13 +2,16 @@
 // benchmarks/etcd_compare.py.
 //
 // Closed loop: CONCURRENCY goroutines, each with one request outstanding,
-// on random keys among KEYS with VALUE-SIZE-byte values, for DURATION.  The
+// on random keys among KEYS (named as `ckv bench` names them) with one
+// random VALUE-SIZE-byte value, for DURATION.  A request that fails or
+// takes longer than TIMEOUT counts as an error, and its goroutine waits
+// 10 ms before the next (as `ckv bench` does).  The
 // read workload preloads every key first (as `ckv bench` does) and reads
 // linearizably (etcd's default).  Requests go to the leader, etcd's best
 // case (a follower forwards writes to the leader and asks it before a
 // linearizable read), unless -all-members spreads them over every endpoint.
 // Prints one JSON object with the fields that `ckv bench --json` uses for
-// the same figures.
+// the same figures (percentiles by nearest rank, as there).
 //
 // Built against Debian's etcd sources (package golang-etcd-server-dev) with
 // GO111MODULE=off; etcd_compare.py does that.
@@ -19,6 +22,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"math"
 	"math/rand"
 	"os"
 	"sort"
@@ -30,7 +34,19 @@ import (
 	"go.etcd.io/etcd/clientv3"
 )
 
-func key(i int) string { return fmt.Sprintf("key%08d", i) }
+func key(i int) string { return fmt.Sprintf("bench-%08d", i) }
+
+// percentile is the nearest-rank percentile (0 < p <= 100) of sorted.
+func percentile(sorted []time.Duration, p float64) float64 {
+	rank := int(math.Ceil(p*float64(len(sorted))/100 - 1e-9))
+	if rank < 1 {
+		rank = 1
+	}
+	if rank > len(sorted) {
+		rank = len(sorted)
+	}
+	return float64(sorted[rank-1].Microseconds()) / 1000
+}
 
 // findLeader returns the endpoint of the member that is the leader now.
 func findLeader(cli *clientv3.Client, endpoints []string) string {
@@ -54,6 +70,7 @@ func main() {
 	keys := flag.Int("keys", 10000, "key space")
 	valSize := flag.Int("value-size", 100, "bytes per value")
 	workload := flag.String("workload", "write", "write or read")
+	timeout := flag.Duration("timeout", 5*time.Second, "per request")
 	all := flag.Bool("all-members", false,
 		"spread requests over every endpoint (followers forward to the leader) "+
 			"instead of sending them all to the leader, etcd's best case")
@@ -66,7 +83,9 @@ func main() {
 		fmt.Fprintln(os.Stderr, "etcdload:", err)
 		os.Exit(1)
 	}
-	val := strings.Repeat("v", *valSize)
+	raw := make([]byte, *valSize)
+	rand.Read(raw)
+	val := string(raw)
 
 	// Wait for a leader: the first put that succeeds, within 30 s.
 	deadline := time.Now().Add(30 * time.Second)
@@ -103,7 +122,10 @@ func main() {
 			go func() {
 				defer wg.Done()
 				for i := int(atomic.AddInt64(&next, 1)); i < *keys; i = int(atomic.AddInt64(&next, 1)) {
-					if _, err := cli.Put(context.Background(), key(i), val); err != nil {
+					ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+					_, err := cli.Put(ctx, key(i), val)
+					cancel()
+					if err != nil {
 						fmt.Fprintln(os.Stderr, "etcdload: preload:", err)
 						os.Exit(1)
 					}
@@ -129,14 +151,17 @@ func main() {
 			for time.Now().Before(end) {
 				k := key(r.Intn(*keys))
 				t0 := time.Now()
+				ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 				var err error
 				if *workload == "read" {
-					_, err = cli.Get(context.Background(), k)
+					_, err = cli.Get(ctx, k)
 				} else {
-					_, err = cli.Put(context.Background(), k, val)
+					_, err = cli.Put(ctx, k, val)
 				}
+				cancel()
 				if err != nil {
 					e++
+					time.Sleep(10 * time.Millisecond)
 					continue
 				}
 				local = append(local, time.Since(t0))
@@ -154,12 +179,10 @@ func main() {
 		os.Exit(1)
 	}
 	sort.Slice(lats, func(i, j int) bool { return lats[i] < lats[j] })
-	ms := func(q float64) float64 {
-		return float64(lats[int(q*float64(len(lats)-1))].Microseconds()) / 1000
-	}
 	json.NewEncoder(os.Stdout).Encode(map[string]any{
 		"workload": *workload, "ops": len(lats), "ops_per_s": float64(len(lats)) / elapsed,
-		"p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "errors": errs,
-		"concurrency": *conc, "duration": elapsed, "all_members": *all,
+		"p50_ms": percentile(lats, 50), "p99_ms": percentile(lats, 99),
+		"p999_ms": percentile(lats, 99.9), "errors": errs,
+		"concurrency": *conc, "duration_s": elapsed, "all_members": *all,
 	})
 }
