@@ -51,8 +51,9 @@ setup(
         "lmdb>=3",
     ],
     extras_require={
-        # wheel: tests/test_packaging.py builds a wheel offline.
-        "test": ["pytest", "pytest-twisted", "ruff", "wheel"],
+        # setuptools and wheel: tests/test_packaging.py builds a wheel offline
+        # (venvs of Python 3.12 and later come without setuptools).
+        "test": ["pytest", "pytest-twisted", "ruff", "setuptools>=61", "wheel"],
     },
     entry_points={
         "console_scripts": ["ckv=ckv.cli:main"],
