@@ -47,6 +47,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from ckv import wire
+
 __all__ = [
     "MAX_LINE",
     "AdminCommand",
@@ -402,8 +404,8 @@ def parse_key(arg: str) -> bytes:
     followed by an even number of hex digits for a binary key (or a key with
     spaces).  A text key that itself starts with C{0x} must be given in hex.
 
-    @raise AdminError: empty key, bad hex, or text that was not valid UTF-8
-        on the wire.
+    @raise AdminError: empty key, bad hex, text that was not valid UTF-8
+        on the wire, or a key longer than any key can be (L{wire.MAX_KEY}).
     """
     if arg[:2] in ("0x", "0X"):
         digits = arg[2:]
@@ -411,14 +413,16 @@ def parse_key(arg: str) -> bytes:
             key = bytes.fromhex(digits)
         except ValueError:
             raise AdminError(f"bad hex key '{_echo(arg)}'") from None
-        if not key:
-            raise AdminError("empty key")
-        return key
-    if not arg:
+    else:
+        if "\ufffd" in arg:
+            raise AdminError("key is not valid UTF-8; give binary keys as 0x... hex")
+        key = arg.encode("utf-8")
+    if not key:
         raise AdminError("empty key")
-    if "\ufffd" in arg:
-        raise AdminError("key is not valid UTF-8; give binary keys as 0x... hex")
-    return arg.encode("utf-8")
+    if len(key) > wire.MAX_KEY:
+        # "(not found)" would be true but says less: no such key can exist.
+        raise AdminError(f"key of {len(key)} bytes exceeds the limit of {wire.MAX_KEY}")
+    return key
 
 
 def format_key(key: bytes) -> str:

@@ -416,6 +416,12 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(parse_key("0XAbCd"), b"\xab\xcd")
         for bad in ["", "0x", "0xabc", "0xzz", "a\ufffdb"]:
             self.assertRaises(AdminError, parse_key, bad)
+        # The longest key there can be, and one byte more (text or hex).
+        self.assertEqual(parse_key("k" * 511), b"k" * 511)
+        for too_long in ["k" * 512, "0x" + "6b" * 512, "\u00e9" * 256]:
+            with self.assertRaises(AdminError) as e:
+                parse_key(too_long)
+            self.assertEqual(str(e.exception), "key of 512 bytes exceeds the limit of 511")
 
     def test_format_key_round_trip(self) -> None:
         for key in [b"user:1", b"\x00\xff", b"0xab", b"with space", "caf\u00e9".encode(), b""]:
