@@ -42,6 +42,12 @@ import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from ckv.argtypes import positive  # noqa: E402
+
+#: --repeat and --concurrency: a whole number above zero.
+positive_int = positive(int)
 
 
 def _env() -> dict[str, str]:
@@ -281,13 +287,6 @@ def main() -> None:
         print("# summary")
         for (sync, workload), rs in runs.items():
             print(summary_line(sync, workload, rs), flush=True)
-
-
-def positive_int(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return n
 
 
 if __name__ == "__main__":

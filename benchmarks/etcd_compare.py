@@ -47,7 +47,9 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import chain_bench  # noqa: E402
+import chain_bench  # noqa: E402  (it puts the repository on sys.path)
+
+from ckv.argtypes import positive  # noqa: E402
 
 #: Where Debian's golang-* packages put their Go sources.
 DEBIAN_GOPATH = "/usr/share/gocode"
@@ -183,7 +185,7 @@ def result_line(system: str, workload: str, r: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--duration", type=positive_float, default=10.0)
+    ap.add_argument("--duration", type=positive(float), default=10.0)
     ap.add_argument("--concurrency", type=chain_bench.positive_int, default=32)
     ap.add_argument("--repeat", type=chain_bench.positive_int, default=3, metavar="N",
                     help="rounds, each on fresh clusters, the systems taking turns (default 3)")
@@ -220,13 +222,6 @@ def main() -> None:
     print("# summary")
     for (system, workload), rs in sorted(runs.items()):
         print(chain_bench.summary_line(system, workload, rs), flush=True)
-
-
-def positive_float(text: str) -> float:
-    x = float(text)
-    if not x > 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return x
 
 
 if __name__ == "__main__":
